@@ -1,0 +1,2 @@
+"""megams: distributed pretraining of multi-scale transformer language models."""
+__version__ = "0.1.0"
