@@ -48,7 +48,9 @@ class ModelConfig(_Strict):
     pooling: Optional[Literal["avg", "linear", "attention"]] = Field(
         None, description="shortening pool; default avg (bottom-up) / linear (top-down)")
     shift_pad: Literal["zeros", "learned"] = "zeros"
-    upsampling: Literal["repeat", "linear"] = "repeat"
+    upsampling: Literal["repeat", "linear", "attention"] = Field(
+        "repeat", description="attention: repeat + each fine position attends (from the fine stream) to the coarse "
+                              "positions it may causally see (Hourglass-style)")
     aggregation: Literal["sum", "attention"] = "attention"
 
     # retina
@@ -56,6 +58,9 @@ class ModelConfig(_Strict):
     retina_windows: List[int] = Field(default_factory=lambda: [64, 32, 32], description="W_0 (tokens), W_1..W_S (pooled blocks)")
     retina_last_window: Literal["finite", "all"] = "finite"
     retina_pool: Literal["avg"] = "avg"
+    retina_chunk_size: Optional[int] = Field(
+        None, gt=0, description="queries per chunk of the windowed retina attention (memory/speed knob, not "
+                                "semantics); default W_0")
 
     @field_validator("shorten_factors", "retina_factors")
     @classmethod
@@ -143,6 +148,8 @@ class DataConfig(_Strict):
     seq_len: int = Field(256, gt=0)
     split: List[float] = Field(default_factory=lambda: [0.9, 0.1, 0.0], description="train/valid/test fractions of the token stream")
     append_eod: bool = True
+    doc_sep: Literal["blank_line", "line"] = Field("blank_line", description="text files: documents are separated by blank lines, or one per line")
+    text_key: str = Field("text", min_length=1, description="JSONL files: the key holding each document's text")
     cache_dir: str = Field(".cache/megams-data", description="where text sources are tokenized to indexed datasets")
     num_workers: int = Field(2, ge=1)
 

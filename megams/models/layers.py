@@ -1,0 +1,118 @@
+"""The transformer pieces every model is built from: norms, rotary positions, attention, MLP, Block.
+
+Tensor-parallel friendliness is a rule here, not an afterthought: projections are separate
+`nn.Linear`s without bias (`wq`, `wk`, `wv`, `wo`; `fc_in`/`fc_out`; `w_gate`/`w_up`/`w_down`) and
+head reshapes use `view(B, T, -1, head_dim)`, so a shard that holds fewer heads (column-parallel
+q/k/v, row-parallel out) runs this code unchanged.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megams.config.schema import ModelConfig
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+# --- rotary positions ---------------------------------------------------------------------------
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [len(positions), head_dim/2] (fp32). Positions are any integers: coarse
+    scales pass 0..n/K-1, retina pooled keys pass their block's last position."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotate x [B, T, H, head_dim] by its positions [T] (half-split / GPT-NeoX layout), in fp32."""
+    cos, sin = rotary_cos_sin(positions, x.shape[-1], base)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+
+
+# --- attention ----------------------------------------------------------------------------------
+class Attention(nn.Module):
+    """Multi-head attention; causal self-attention by default, or x attending to `context`
+    under a boolean `mask` [Tq, Tk] (True = may attend). `rotary_base=None` disables rotary."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, rotary_base: Optional[float] = None):
+        super().__init__()
+        self.head_dim = d_model // n_heads
+        self.dropout = dropout
+        self.rotary_base = rotary_base
+        self.wq = nn.Linear(d_model, d_model, bias=False)
+        self.wk = nn.Linear(d_model, d_model, bias=False)
+        self.wv = nn.Linear(d_model, d_model, bias=False)
+        self.wo = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, *, causal: bool = True,
+                mask: Optional[torch.Tensor] = None, q_pos: Optional[torch.Tensor] = None,
+                k_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        ctx = x if context is None else context
+        B, T, _ = x.shape
+        S = ctx.shape[1]
+        q = self.wq(x).view(B, T, -1, self.head_dim)
+        k = self.wk(ctx).view(B, S, -1, self.head_dim)
+        v = self.wv(ctx).view(B, S, -1, self.head_dim)
+        if self.rotary_base is not None:
+            q = apply_rotary(q, q_pos if q_pos is not None else torch.arange(T, device=x.device), self.rotary_base)
+            k = apply_rotary(k, k_pos if k_pos is not None else torch.arange(S, device=x.device), self.rotary_base)
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            is_causal=causal and mask is None, dropout_p=self.dropout if self.training else 0.0)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def make_attention(cfg: ModelConfig, rotary: bool = True) -> Attention:
+    base = cfg.rotary_base if (rotary and cfg.positions == "rotary") else None
+    return Attention(cfg.d_model, cfg.n_heads, cfg.dropout, base)
+
+
+# --- MLP ----------------------------------------------------------------------------------------
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, f = cfg.d_model, cfg.ffn_size
+        self.kind = cfg.mlp
+        if self.kind == "swiglu":
+            self.w_gate = nn.Linear(d, f, bias=False)
+            self.w_up = nn.Linear(d, f, bias=False)
+            self.w_down = nn.Linear(f, d, bias=False)
+        else:
+            self.fc_in = nn.Linear(d, f, bias=False)
+            self.fc_out = nn.Linear(f, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "swiglu":
+            return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        return self.fc_out(F.gelu(self.fc_in(x)))
+
+
+# --- Block --------------------------------------------------------------------------------------
+class Block(nn.Module):
+    """Pre-norm transformer layer. `attention` replaces the causal self-attention (retina)."""
+
+    def __init__(self, cfg: ModelConfig, attention: Optional[nn.Module] = None):
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = attention if attention is not None else make_attention(cfg)
+        self.norm2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x)))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+def make_blocks(cfg: ModelConfig, n: int) -> nn.ModuleList:
+    return nn.ModuleList(Block(cfg) for _ in range(n))

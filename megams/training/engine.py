@@ -1,0 +1,61 @@
+"""DeepSpeed engine set-up from the typed config (torch AdamW, warmup+cosine, ZeRO stage, precision)."""
+from __future__ import annotations
+
+import torch
+
+from megams.config import Config, ConfigError
+from megams.training.schedule import lr_multiplier
+
+
+def precision_mode(cfg: Config, device: str) -> str:
+    """How `training.precision` is realised:
+    fp32; bf16 with ZeRO >= 1 -> DeepSpeed bf16 (bf16 weights, fp32 master copy in the optimizer);
+    bf16 with ZeRO-0 -> torch.autocast(bf16) over fp32 weights (DeepSpeed's ZeRO-0 bf16 would be
+    pure bf16 without master weights); fp16 -> DeepSpeed fp16 with dynamic loss scaling (GPU only)."""
+    p = cfg.training.precision
+    if p == "fp16" and not device.startswith("cuda"):
+        raise ConfigError("training.precision=fp16 needs a CUDA GPU (DeepSpeed refuses fp16 on CPU); "
+                          "use training.precision=bf16 or fp32")
+    if p == "bf16":
+        return "ds_bf16" if cfg.parallel.zero_stage >= 1 else "autocast_bf16"
+    return p
+
+
+def deepspeed_config(cfg: Config, dp_size: int, mode: str) -> dict:
+    t, o = cfg.training, cfg.optimizer
+    gas = cfg.grad_accum_steps(dp_size)
+    ds = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": o.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": mode == "ds_bf16"},
+        "fp16": {"enabled": mode == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    return ds
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float):
+    """Decay matrices (linear / embedding weights); not norms, biases or scale embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, dp_size: int, mode: str, mpu=None):
+    import deepspeed
+    o = cfg.optimizer
+    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    warm, total, floor = cfg.warmup_steps(), cfg.training.max_steps, o.min_lr_ratio
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, warm, total, floor))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=opt, lr_scheduler=sched, mpu=mpu,
+        config=deepspeed_config(cfg, dp_size, mode), dist_init_required=False)
+    return engine, optimizer, scheduler

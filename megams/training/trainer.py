@@ -1,0 +1,307 @@
+"""The training loop: `python launch/pretrain.py --config FILE [--set key=value ...]`.
+
+Reads top to bottom: discover the launcher -> init process groups -> data -> model (parallelism
+applied from outside) -> DeepSpeed engine -> resume -> steps (log, evaluate, checkpoint) -> final
+evaluation and checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+from megams.config import Config, ConfigError, dump_config, load_config
+
+
+@dataclass
+class Layout:
+    """Where this rank sits. With megams.parallel available, built from ParallelDims."""
+    world: int
+    rank: int
+    dp: int
+    dp_rank: int
+    tp: int = 1
+    pp: int = 1
+    dims: object = None
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="pretrain.py", description="Pretrain a (multi-scale) transformer LM with megams.")
+    p.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set training.max_steps=10 (repeatable)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    return p.parse_args(argv)
+
+
+def _user_error_types():
+    from megams.data.errors import DataError
+    return (ConfigError, DataError)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        return Trainer(cfg).run()
+    except _user_error_types() as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        _shutdown()
+        return 2
+
+
+def _shutdown():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    # -- set-up ---------------------------------------------------------------------------
+    def _init_distributed(self) -> Layout:
+        from megams.distributed.launch_env import apply_thread_hygiene, discover_and_export
+        le = discover_and_export()
+        threads = apply_thread_hygiene(le)
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        import torch
+        torch.set_num_threads(threads)
+        if self.cfg.training.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("training.device=cuda but no CUDA device is available (use auto or cpu)")
+        use_cuda = self.cfg.training.device != "cpu" and torch.cuda.is_available()
+        self.device = f"cuda:{le.local_rank}" if use_cuda else "cpu"
+        if use_cuda:
+            torch.cuda.set_device(le.local_rank)
+        import deepspeed
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
+        if le.rank == 0:
+            print(le.describe() + f" threads/rank={threads} device={self.device}", flush=True)
+        p = self.cfg.parallel
+        if le.world_size % (p.tensor * p.pipeline):
+            raise ConfigError(f"world size {le.world_size} is not divisible by parallel.tensor={p.tensor} x "
+                              f"parallel.pipeline={p.pipeline}")
+        if p.tensor > 1 or p.pipeline > 1:
+            from megams.parallel.dims import build_parallel_dims
+            dims = build_parallel_dims(self.cfg)
+            return Layout(le.world_size, le.rank, dims.dp_size, dims.dp_rank, p.tensor, p.pipeline, dims)
+        return Layout(le.world_size, le.rank, le.world_size, le.rank)
+
+    def _build_data(self, layout: Layout):
+        import torch
+        import torch.distributed as dist
+        from megams.data import build_data, check_vocab
+        from megams.data.errors import DataError
+        c = self.cfg
+        bundle, err = None, None
+        if layout.rank == 0:  # rank 0 tokenizes text sources into the cache first
+            try:
+                bundle = build_data(c.data, c.data.seq_len, c.training.seed, is_rank_zero=True)
+            except DataError as e:
+                err = e
+        flag = torch.tensor([1.0 if err else 0.0])
+        dist.all_reduce(flag)
+        if flag.item() > 0:
+            raise err if err else DataError("data preparation failed on rank 0 (see its message)")
+        if bundle is None:
+            bundle = build_data(c.data, c.data.seq_len, c.training.seed, is_rank_zero=False)
+        check_vocab(bundle.tokenizer, c.model.vocab_size)
+        return bundle
+
+    def _build_model(self, layout: Layout):
+        """The plain model, then parallelism applied to it from outside (megams.parallel)."""
+        from megams.models import build_model
+        from megams.training.loss import lm_loss
+        model = build_model(self.cfg.model, seed=self.cfg.training.seed)
+        loss_fn = lm_loss
+        if layout.tp > 1:
+            from megams.parallel.tensor_parallel import apply_tp
+            model, loss_fn = apply_tp(model, layout.dims, self.cfg)
+        return model.to(self.device), loss_fn
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(self) -> int:
+        import torch
+        import torch.distributed as dist
+        from megams.data.batches import GlobalBatches
+        from megams.models.cost import flops_per_token
+        from megams.training import checkpoint as ckpt
+        from megams.training.engine import build_engine, precision_mode
+        from megams.training.metrics import MetricsLog, Progress
+        from megams.training.mfu import peak_flops
+
+        c = self.cfg
+        layout = self._init_distributed()
+        is_main = layout.rank == 0
+        mode = precision_mode(c, self.device)
+        gas = c.grad_accum_steps(layout.dp)
+        if layout.pp > 1:
+            raise ConfigError("parallel.pipeline > 1 is not available in this build of megams")
+        run_dir = os.path.abspath(c.training.run_dir)
+        if is_main:
+            os.makedirs(run_dir, exist_ok=True)
+            _write_config(run_dir, c)
+        data = self._build_data(layout)
+        torch.manual_seed(c.training.seed + layout.dp_rank)
+        model, loss_fn = self._build_model(layout)
+        engine, _, scheduler = build_engine(c, model, layout.dp, mode, mpu=getattr(layout.dims, "mpu", None))
+        train = GlobalBatches(data.train, c.data.seq_len, c.training.global_batch_size, c.training.micro_batch_size,
+                              layout.dp_rank, layout.dp)
+
+        step = 0
+        metrics = MetricsLog(run_dir, enabled=is_main, tensorboard=c.logging.tensorboard)
+        latest = ckpt.latest_checkpoint(run_dir) if c.checkpoint.resume else None
+        if latest:
+            meta = ckpt.load(engine, latest)
+            step = meta["step"]
+            train.load_state_dict(meta["data"])
+            metrics.truncate_after(step)
+            if is_main:
+                print(f"[megams] resumed from {latest} at step {step}", flush=True)
+        if step >= c.training.max_steps:
+            if is_main:
+                print(f"[megams] run already at training.max_steps={c.training.max_steps}; checkpoint: {latest}")
+            _shutdown()
+            return 0
+
+        autocast = (torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16)
+                    if mode == "autocast_bf16" else nullcontext())
+        tokens_per_step = c.training.global_batch_size * c.data.seq_len
+        flops_tok = flops_per_token(c.model, c.data.seq_len)
+        peak = peak_flops(c.training.precision, self.device)
+        progress = Progress(c.training.max_steps, step, enabled=is_main and c.logging.progress_bar)
+        preempt = _preemption_handler()
+        if is_main:
+            progress.write(f"[megams] {c.model.type}: {sum(p.numel() for p in model.parameters()) * layout.tp:,} params, "
+                           f"dp={layout.dp} tp={layout.tp} pp={layout.pp} zero={c.parallel.zero_stage} "
+                           f"precision={mode} grad_accum={gas} run_dir={run_dir}")
+
+        def meta_for(s):
+            return {"format": "megams-checkpoint/1", "step": s, "data": train.state_dict(), "config": dump_config(c),
+                    "layout": {"world": layout.world, "dp": layout.dp, "tp": layout.tp, "pp": layout.pp,
+                               "zero_stage": c.parallel.zero_stage, "precision": c.training.precision},
+                    "tokenizer": data.tokenizer.fingerprint}
+
+        last_ckpt = latest
+        engine.train()
+        while step < c.training.max_steps:
+            t0 = time.perf_counter()
+            lr = scheduler.get_last_lr()[0]
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            for inputs, targets in train.micro_batches(step):
+                inputs, targets = inputs.to(self.device), targets.to(self.device)
+                with autocast:
+                    logits = engine(inputs)
+                loss = loss_fn(logits, targets)
+                engine.backward(loss)
+                engine.step()
+                loss_sum += loss.detach().double().cpu()
+            step += 1
+            loss_val = _dp_mean(loss_sum / gas, layout)  # mean over the global batch
+            dt = time.perf_counter() - t0
+            gnorm = engine.get_global_grad_norm()
+            gnorm = float(gnorm) if gnorm is not None else None
+            if is_main and (step % c.logging.interval == 0 or step == c.training.max_steps):
+                tps = tokens_per_step / dt
+                achieved = flops_tok * tps / layout.world
+                metrics.write({"step": step, "loss": loss_val, "lr": lr, "grad_norm": gnorm,
+                               "tokens_per_s": tps, "tflops": achieved / 1e12, "mfu": achieved / peak,
+                               "peak_mem_bytes": _peak_mem(self.device), "step_time_s": dt})
+            progress.update(loss=loss_val, lr=lr)
+            last = step == c.training.max_steps
+            if (c.training.eval_interval and step % c.training.eval_interval == 0) or last:
+                self._evaluate(engine, data, loss_fn, layout, autocast, step, metrics, progress)
+            stop = preempt.stop_requested() if preempt else False
+            if last or stop or (c.checkpoint.interval and step % c.checkpoint.interval == 0):
+                last_ckpt = ckpt.save(engine, run_dir, step, meta_for(step), c.checkpoint.keep_last)
+            if stop:
+                if is_main:
+                    progress.write(f"[megams] preemption signal: stopped at step {step}, checkpoint {last_ckpt}")
+                progress.close()
+                preempt.requeue()
+                _shutdown()
+                return 0
+        progress.close()
+        metrics.close()
+        if is_main:
+            print(f"[megams] done: step {step}, val_loss {self.last_eval['val_loss']:.4f}, "
+                  f"val_ppl {self.last_eval['val_ppl']:.3f}, val_bpb {self.last_eval['val_bpb']:.4f}", flush=True)
+            print(f"[megams] checkpoint: {last_ckpt}", flush=True)
+        _shutdown()
+        return 0
+
+    def _evaluate(self, engine, data, loss_fn, layout, autocast, step, metrics, progress):
+        import torch
+        import torch.distributed as dist
+        from megams.data.batches import eval_batches
+        c = self.cfg
+        engine.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        ev = eval_batches(data.valid, c.training.eval_batches, c.training.global_batch_size,
+                          layout.dp_rank, layout.dp)  # global batch size: the same tokens for any layout
+        batches, bytes_per_token = ev.batches, ev.bytes_per_token
+        with torch.no_grad():
+            for inputs, targets in batches:
+                with autocast:
+                    logits = engine(inputs.to(self.device))
+                loss = loss_fn(logits, targets.to(self.device))
+                total += torch.tensor([loss.item() * targets.numel(), targets.numel()], dtype=torch.float64)
+        dist.all_reduce(total, group=_dp_group(layout))
+        engine.train()
+        val_loss = (total[0] / total[1]).item()
+        rec = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
+               "val_bpb": val_loss / math.log(2) / bytes_per_token}
+        self.last_eval = rec
+        metrics.write(rec)
+        if layout.rank == 0:
+            progress.write(f"[megams] step {step}: val_loss {val_loss:.4f} val_ppl {rec['val_ppl']:.3f} "
+                           f"val_bpb {rec['val_bpb']:.4f}")
+
+
+def _dp_group(layout):
+    return layout.dims.dp_group if layout.dims is not None else None
+
+
+def _dp_mean(local, layout) -> float:
+    """Mean over data-parallel ranks (tensor/pipeline peers hold the same value)."""
+    import torch.distributed as dist
+    t = local.clone()
+    dist.all_reduce(t, group=_dp_group(layout))
+    return (t / layout.dp).item()
+
+
+def _peak_mem(device: str) -> int:
+    import torch
+    if device.startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _preemption_handler():
+    try:
+        from megams.training.preemption import PreemptionHandler
+    except ImportError:
+        return None
+    h = PreemptionHandler()
+    h.install()
+    return h
+
+
+def _write_config(run_dir: str, cfg: Config) -> None:
+    import yaml
+    path = os.path.join(run_dir, "config.yaml")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(dump_config(cfg), f, sort_keys=False)
+    os.replace(tmp, path)

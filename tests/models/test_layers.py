@@ -1,0 +1,65 @@
+"""Building blocks: rotary is relative, attention shards by heads, norms and MLP variants."""
+import pytest
+import torch
+
+from megams.models.layers import MLP, Attention, Block, apply_rotary, make_norm
+from tests.models.cases import tiny
+
+
+def test_rotary_scores_depend_on_distance_only():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(i, j):
+        return (apply_rotary(q, torch.tensor([i]), 10000.0) * apply_rotary(k, torch.tensor([j]), 10000.0)).sum()
+
+    torch.testing.assert_close(score(5, 2), score(105, 102))
+    assert not torch.allclose(score(5, 2), score(5, 3))
+
+
+def test_attention_with_fewer_heads_is_a_tensor_parallel_shard():
+    """Column-split wq/wk/wv and row-split wo by heads: the shards' outputs sum to the full output."""
+    torch.manual_seed(0)
+    full = Attention(32, 4, rotary_base=10000.0)
+    x = torch.randn(2, 9, 32)
+    parts = []
+    for r in range(2):
+        rows = slice(16 * r, 16 * (r + 1))
+        shard = Attention(32, 4, rotary_base=10000.0)  # head_dim 8; holds 2 of the 4 heads
+        for name in ("wq", "wk", "wv"):
+            getattr(shard, name).weight = torch.nn.Parameter(getattr(full, name).weight[rows])
+        shard.wo.weight = torch.nn.Parameter(full.wo.weight[:, rows])
+        parts.append(shard(x))
+    torch.testing.assert_close(parts[0] + parts[1], full(x), atol=1e-6, rtol=1e-5)
+
+
+def test_attention_is_causal_and_cross_attention_masks():
+    torch.manual_seed(0)
+    attn = Attention(16, 2)
+    x = torch.randn(1, 6, 16)
+    y = attn(x)
+    x2 = x.clone()
+    x2[:, 4] += 1
+    assert torch.equal(attn(x2)[:, :4], y[:, :4])
+    ctx = torch.randn(1, 3, 16)
+    mask = torch.tensor([[True, False, False]] * 6)
+    out = attn(x, ctx, causal=False, mask=mask)
+    ctx2 = ctx.clone()
+    ctx2[:, 1:] = 0
+    assert torch.equal(out, attn(x, ctx2, causal=False, mask=mask))
+
+
+@pytest.mark.parametrize("norm,cls", [("layernorm", torch.nn.LayerNorm), ("rmsnorm", torch.nn.RMSNorm)])
+def test_norm_factory(norm, cls):
+    assert isinstance(make_norm(tiny("vanilla", norm=norm)), cls)
+
+
+@pytest.mark.parametrize("mlp,names", [("gelu", {"fc_in", "fc_out"}), ("swiglu", {"w_gate", "w_up", "w_down"})])
+def test_mlp_names_and_block(mlp, names):
+    cfg = tiny("vanilla", mlp=mlp)
+    assert set(dict(MLP(cfg).named_children())) == names
+    blk = Block(cfg)
+    assert set(dict(blk.named_children())) >= {"norm1", "attn", "norm2", "mlp"}
+    assert blk(torch.randn(2, 5, 32)).shape == (2, 5, 32)
+    if mlp == "swiglu":
+        assert cfg.ffn_size % 64 == 0
