@@ -213,6 +213,8 @@ class TrainingConfig(_Strict):
     eval_interval: int = Field(100, ge=0, description="0: evaluate only at the end")
     eval_batches: int = Field(8, gt=0)
     compile: bool = False
+    exit_interval: int = Field(0, ge=0, description="stop (with a checkpoint) once the global step is a multiple of "
+                               "this, like Megatron's --exit-interval; 0 = run to max_steps. For time-limited jobs.")
 
 
 class CheckpointConfig(_Strict):

@@ -46,12 +46,15 @@ def _user_error_types():
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    trainer = None
     try:
         cfg = load_config(args.config, args.set)
-        return Trainer(cfg).run()
+        trainer = Trainer(cfg)
+        return trainer.run()
     except _user_error_types() as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        _shutdown()
+        if trainer is not None:
+            trainer.shutdown()
         return 2
 
 
@@ -67,6 +70,12 @@ def _shutdown():
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.owns_process_group = False
+
+    def shutdown(self) -> None:
+        """End the process group we started (barrier first: gloo may abort at exit otherwise)."""
+        if self.owns_process_group:
+            _shutdown()
 
     # -- set-up ---------------------------------------------------------------------------
     def _init_distributed(self) -> Layout:
@@ -84,6 +93,8 @@ class Trainer:
         if use_cuda:
             torch.cuda.set_device(le.local_rank)
         import deepspeed
+        import torch.distributed as dist
+        self.owns_process_group = not dist.is_initialized()  # tests may start it for us
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
         if le.rank == 0:
             print(le.describe() + f" threads/rank={threads} device={self.device}", flush=True)
@@ -171,7 +182,7 @@ class Trainer:
         if step >= c.training.max_steps:
             if is_main:
                 print(f"[megams] run already at training.max_steps={c.training.max_steps}; checkpoint: {latest}")
-            _shutdown()
+            self.shutdown()
             return 0
 
         autocast = (torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16)
@@ -193,6 +204,8 @@ class Trainer:
                     "tokenizer": data.tokenizer.fingerprint}
 
         last_ckpt = latest
+        own_norm = c.parallel.zero_stage == 0 and mode in ("fp32", "autocast_bf16")
+        gnorm = None
         engine.train()
         while step < c.training.max_steps:
             t0 = time.perf_counter()
@@ -204,12 +217,15 @@ class Trainer:
                     logits = engine(inputs)
                 loss = loss_fn(logits, targets)
                 engine.backward(loss)
+                if own_norm and engine.is_gradient_accumulation_boundary():
+                    gnorm = _grad_norm(engine)  # DeepSpeed's ZeRO-0 fp32 path does not report it
                 engine.step()
                 loss_sum += loss.detach().double().cpu()
             step += 1
             loss_val = _dp_mean(loss_sum / gas, layout)  # mean over the global batch
             dt = time.perf_counter() - t0
-            gnorm = engine.get_global_grad_norm()
+            if not own_norm:
+                gnorm = engine.get_global_grad_norm()
             gnorm = float(gnorm) if gnorm is not None else None
             if is_main and (step % c.logging.interval == 0 or step == c.training.max_steps):
                 tps = tokens_per_step / dt
@@ -222,14 +238,21 @@ class Trainer:
             if (c.training.eval_interval and step % c.training.eval_interval == 0) or last:
                 self._evaluate(engine, data, loss_fn, layout, autocast, step, metrics, progress)
             stop = preempt.stop_requested() if preempt else False
-            if last or stop or (c.checkpoint.interval and step % c.checkpoint.interval == 0):
+            exit_now = bool(c.training.exit_interval) and step % c.training.exit_interval == 0 and not last
+            if last or stop or exit_now or (c.checkpoint.interval and step % c.checkpoint.interval == 0):
                 last_ckpt = ckpt.save(engine, run_dir, step, meta_for(step), c.checkpoint.keep_last)
+            if exit_now:
+                if is_main:
+                    progress.write(f"[megams] training.exit_interval: stopped at step {step}, checkpoint {last_ckpt}")
+                progress.close()
+                self.shutdown()
+                return 0
             if stop:
                 if is_main:
                     progress.write(f"[megams] preemption signal: stopped at step {step}, checkpoint {last_ckpt}")
                 progress.close()
                 preempt.requeue()
-                _shutdown()
+                self.shutdown()
                 return 0
         progress.close()
         metrics.close()
@@ -237,7 +260,7 @@ class Trainer:
             print(f"[megams] done: step {step}, val_loss {self.last_eval['val_loss']:.4f}, "
                   f"val_ppl {self.last_eval['val_ppl']:.3f}, val_bpb {self.last_eval['val_bpb']:.4f}", flush=True)
             print(f"[megams] checkpoint: {last_ckpt}", flush=True)
-        _shutdown()
+        self.shutdown()
         return 0
 
     def _evaluate(self, engine, data, loss_fn, layout, autocast, step, metrics, progress):
@@ -278,6 +301,14 @@ def _dp_mean(local, layout) -> float:
     t = local.clone()
     dist.all_reduce(t, group=_dp_group(layout))
     return (t / layout.dp).item()
+
+
+def _grad_norm(engine) -> float:
+    """Global L2 norm of the (already data-parallel reduced) gradients, before clipping; tensor-
+    replicated parameters count once (the mpu tells DeepSpeed's helper which ones are)."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+    return float(clip_grad_norm_([p for p in engine.module.parameters() if p.grad is not None],
+                                 max_norm=float("inf"), mpu=engine.mpu))
 
 
 def _peak_mem(device: str) -> int:
