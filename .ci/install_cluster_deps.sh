@@ -4,6 +4,7 @@
 # apt does not start the services here (policy-rc.d); tests/launch/slurm_cluster.py starts
 # private instances on loopback and stops them after the tests.
 set -euo pipefail
+export PATH="$PATH:/usr/sbin:/sbin"   # slurmctld, slurmd and munged live in sbin
 need=()
 for bin in slurmctld slurmd sbatch munged mpirun; do
   command -v "$bin" >/dev/null 2>&1 || need+=("$bin")
@@ -17,8 +18,14 @@ echo "[cluster-deps] installing slurm-wlm munge openmpi-bin libopenmpi-dev (miss
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq >/dev/null
-$SUDO apt-get install -y -qq --no-install-recommends slurm-wlm munge openmpi-bin libopenmpi-dev >/dev/null
+LOG="$(mktemp /tmp/megams-apt.XXXXXX.log)"
+if ! { $SUDO apt-get update -qq && \
+       $SUDO apt-get install -y -qq --no-install-recommends slurm-wlm munge openmpi-bin libopenmpi-dev; } >"$LOG" 2>&1; then
+  echo "[cluster-deps] apt-get failed; its output:" >&2
+  cat "$LOG" >&2
+  exit 1
+fi
+rm -f "$LOG"
 for bin in slurmctld slurmd sbatch munged mpirun; do
   command -v "$bin" >/dev/null 2>&1 || { echo "[cluster-deps] $bin still missing after install" >&2; exit 1; }
 done

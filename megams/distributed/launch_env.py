@@ -47,7 +47,7 @@ class LaunchEnv:
     master_port: int
     num_nodes: int = 1
     node_rank: int = 0
-    detail: str = ""         # e.g. "SLURM job 42 step 0 restart 1", "hostfile 3 nodes"
+    detail: str = ""         # e.g. "SLURM job 42 step 0 restart 1", "OpenMPI, SLURM job 7"
 
     def describe(self) -> str:
         """One line for rank 0 to print: which launcher, the layout, the rendezvous, threads."""
@@ -259,6 +259,11 @@ def _from_mpi4py(env: Mapping[str, str]) -> LaunchEnv | None:
                      distinct.index(hosts[rank]), detail=MPI.Get_library_version().splitlines()[0].strip())
 
 
+def _restart(env: Mapping[str, str]) -> str:
+    n = env.get("SLURM_RESTART_COUNT", "")
+    return f" restart {n}" if n not in ("", "0") else ""
+
+
 def _from_slurm(env: Mapping[str, str]) -> LaunchEnv:
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
     hosts = expand_nodelist(nodelist) if nodelist else []
@@ -273,9 +278,7 @@ def _from_slurm(env: Mapping[str, str]) -> LaunchEnv:
     job, step = env.get("SLURM_JOB_ID", ""), _int(env, "SLURM_STEP_ID", "SLURM_STEPID", default=0)
     addr = env.get("MASTER_ADDR") or master_for_hosts(hosts)
     port = _int(env, "MASTER_PORT", default=_port_from_id(job, step) if job else DEFAULT_PORT)
-    detail = f"SLURM job {job} step {step}"
-    if env.get("SLURM_RESTART_COUNT", "0") not in ("", "0"):
-        detail += f" restart {env['SLURM_RESTART_COUNT']}"
+    detail = f"SLURM job {job} step {step}" + _restart(env)
     return LaunchEnv("srun", _int(env, "SLURM_PROCID"), world, _int(env, "SLURM_LOCALID", default=0), local_world,
                      addr, port, max(1, len(hosts)), node_rank, detail)
 
@@ -302,6 +305,8 @@ def discover(env: Mapping[str, str] | None = None) -> LaunchEnv:
     else:
         port = _int(env, "MASTER_PORT", default=0) or _free_port(LOOPBACK)
         le = LaunchEnv("single", 0, 1, 0, 1, env.get("MASTER_ADDR") or LOOPBACK, port)
+    if le.launcher != "srun" and env.get("SLURM_JOB_ID"):  # e.g. deepspeed/mpirun inside an sbatch job
+        le.detail = ", ".join(filter(None, [le.detail, f"SLURM job {env['SLURM_JOB_ID']}" + _restart(env)]))
     _check(le)
     return le
 

@@ -71,19 +71,26 @@ class ColumnParallelLinear(nn.Module):
     Output: this rank's [..., out/tp], or the whole [..., out] with `gather_output`.
     `padded_out_features` pads the output with zero rows so it splits (an untied LM head over a
     padded vocab); a gathered output is cropped back to `out_features`.
+    `input_in_region`: the caller has already put the input into the tensor-parallel region
+    (`copy_to_tp` / `gather_from_sp` once for several layers that read it, e.g. wq, wk, wv), so
+    this layer communicates nothing on its input.
     Parameters start at zero: use `from_full`.
     """
 
     def __init__(self, in_features: int, out_features: int, dims: ParallelDims, bias: bool = True, *,
                  gather_output: bool = False, sequence_parallel: bool = False, seq_dim: int = 1,
-                 padded_out_features: Optional[int] = None, device=None, dtype=None):
+                 padded_out_features: Optional[int] = None, input_in_region: bool = False, device=None,
+                 dtype=None):
         super().__init__()
         padded = out_features if padded_out_features is None else padded_out_features
         if padded < out_features:
             raise ValueError(f"padded_out_features={padded} is smaller than out_features={out_features}")
         _check_divisible("ColumnParallelLinear output size", padded, dims)
         self.in_features, self.out_features, self.padded_out_features = in_features, out_features, padded
-        self.dims, self.gather_output = dims, gather_output
+        if input_in_region and sequence_parallel:
+            raise ValueError("ColumnParallelLinear: input_in_region and sequence_parallel both say how the input "
+                             "enters the tensor-parallel region; pass one")
+        self.dims, self.gather_output, self.input_in_region = dims, gather_output, input_in_region
         self.sequence_parallel, self.seq_dim = sequence_parallel, seq_dim
         self.weight = _sharded((padded // dims.tp_size, in_features), 0, device, dtype)
         self.bias = _sharded((padded // dims.tp_size,), 0, device, dtype) if bias else None
@@ -100,8 +107,12 @@ class ColumnParallelLinear(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = column_parallel_linear(x, self.weight, self.bias, self.dims.tp_group, self.gather_output,
-                                   self.sequence_parallel, self.seq_dim)
+        if self.input_in_region:
+            y = F.linear(x, self.weight, self.bias)
+            y = gather_from_tp(y, self.dims.tp_group) if self.gather_output else y
+        else:
+            y = column_parallel_linear(x, self.weight, self.bias, self.dims.tp_group, self.gather_output,
+                                       self.sequence_parallel, self.seq_dim)
         if self.gather_output and self.padded_out_features != self.out_features:
             y = y[..., :self.out_features]
         return y
@@ -129,17 +140,22 @@ class RowParallelLinear(nn.Module):
     column layer) or the whole [..., in], which is then split. Output: the sum over ranks, replicated
     [..., out] (or this rank's part of the sequence with `sequence_parallel`); the bias is
     replicated and added once, after the reduction.
+    `reduce_output=False` returns this rank's partial sum instead: the caller reduces it once
+    (`reduce_from_tp` / `reduce_scatter_to_sp`), e.g. where it leaves a whole attention or MLP.
     """
 
     def __init__(self, in_features: int, out_features: int, dims: ParallelDims, bias: bool = True, *,
                  input_is_parallel: bool = True, sequence_parallel: bool = False, seq_dim: int = 1,
-                 device=None, dtype=None):
+                 reduce_output: bool = True, device=None, dtype=None):
         super().__init__()
         if sequence_parallel and not input_is_parallel:
             raise ValueError("RowParallelLinear with sequence_parallel needs input_is_parallel=True")
+        if not reduce_output and (bias or sequence_parallel):
+            raise ValueError("RowParallelLinear(reduce_output=False) returns a partial sum: it takes no bias "
+                             "(it would be added tp times) and no sequence_parallel (the caller reduces)")
         _check_divisible("RowParallelLinear input size", in_features, dims)
         self.in_features, self.out_features = in_features, out_features
-        self.dims, self.input_is_parallel = dims, input_is_parallel
+        self.dims, self.input_is_parallel, self.reduce_output = dims, input_is_parallel, reduce_output
         self.sequence_parallel, self.seq_dim = sequence_parallel, seq_dim
         self.weight = _sharded((out_features, in_features // dims.tp_size), 1, device, dtype)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
@@ -161,6 +177,8 @@ class RowParallelLinear(nn.Module):
             x = scatter_to_tp(x, group)
         y = F.linear(x, self.weight)
         bias = self.bias
+        if not self.reduce_output:
+            return y
         if self.sequence_parallel:
             y = reduce_scatter_to_sp(y, group, self.seq_dim)
             # each rank sees its part of the sequence: sum the bias gradient over the tensor ranks

@@ -36,6 +36,9 @@ def deepspeed_config(cfg: Config, dp_size: int, mode: str) -> dict:
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
+    if cfg.parallel.pipeline > 1:
+        from megams.parallel.pipeline import deepspeed_pipeline_config
+        ds["pipeline"] = deepspeed_pipeline_config(cfg)
     return ds
 
 

@@ -163,7 +163,11 @@ class Trainer:
             os.makedirs(run_dir, exist_ok=True)
             _write_config(run_dir, c)
         data = self._build_data(layout)
-        torch.manual_seed(c.training.seed + layout.dp_rank)
+        if layout.dims is not None:  # dropout: the same on tensor ranks, different on data ranks
+            from megams.parallel.random import seed_parallel_rng
+            seed_parallel_rng(c.training.seed, layout.dims)
+        else:
+            torch.manual_seed(c.training.seed + layout.dp_rank)
         model, loss_fn = self._build_model(layout)
         engine, _, scheduler = build_engine(c, model, layout.dp, mode, mpu=getattr(layout.dims, "mpu", None))
         train = GlobalBatches(data.train, c.data.seq_len, c.training.global_batch_size, c.training.micro_batch_size,
@@ -193,7 +197,7 @@ class Trainer:
         progress = Progress(c.training.max_steps, step, enabled=is_main and c.logging.progress_bar)
         preempt = _preemption_handler()
         if is_main:
-            progress.write(f"[megams] {c.model.type}: {sum(p.numel() for p in model.parameters()) * layout.tp:,} params, "
+            progress.write(f"[megams] {c.model.type}: {_param_count(model, layout):,} params, "
                            f"dp={layout.dp} tp={layout.tp} pp={layout.pp} zero={c.parallel.zero_stage} "
                            f"precision={mode} grad_accum={gas} run_dir={run_dir}")
 
@@ -309,6 +313,14 @@ def _grad_norm(engine) -> float:
     from deepspeed.runtime.utils import clip_grad_norm_
     return float(clip_grad_norm_([p for p in engine.module.parameters() if p.grad is not None],
                                  max_norm=float("inf"), mpu=engine.mpu))
+
+
+def _param_count(model, layout) -> int:
+    """Parameters of the whole (plain) model, however it is split."""
+    if layout.tp > 1:
+        from megams.parallel.tensor_parallel import parameter_count
+        return parameter_count(model)
+    return sum(p.numel() for p in model.parameters())
 
 
 def _peak_mem(device: str) -> int:

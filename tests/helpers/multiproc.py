@@ -4,7 +4,7 @@
     results[case_index][rank] -> whatever that case returned on that rank
 
 Each case is a module-level function `case(rank, world_size, *args)`; it runs after
-`torch.distributed.init_process_group("gloo")` with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* set,
+`torch.distributed.init_process_group(backend)` (gloo unless `backend="nccl"`) with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* set,
 so DeepSpeed and megams.parallel can be initialised inside it. Cases run one after another
 in the same processes (a barrier between them), which amortises the start-up cost.
 A failing rank's traceback is re-raised in the test; a hung job is killed after `timeout`.
@@ -26,7 +26,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, cases, outdir: str, env: dict) -> None:
+def _worker(rank: int, world_size: int, port: int, cases, outdir: str, env: dict, backend: str) -> None:
     os.environ.update({k: str(v) for k, v in env.items()})
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -39,7 +39,7 @@ def _worker(rank: int, world_size: int, port: int, cases, outdir: str, env: dict
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     results = []
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
         for fn, args in cases:
             results.append(fn(rank, world_size, *args))
             dist.barrier()
@@ -54,11 +54,11 @@ def _worker(rank: int, world_size: int, port: int, cases, outdir: str, env: dict
 
 
 def run_ranks(world_size: int, cases: Sequence[tuple[Callable, tuple]], timeout: float = 180,
-              env: dict | None = None) -> list[list[Any]]:
+              env: dict | None = None, backend: str = "gloo") -> list[list[Any]]:
     ctx = mp.get_context("spawn")
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="megams-ranks-") as outdir:
-        procs = [ctx.Process(target=_worker, args=(r, world_size, port, list(cases), outdir, env or {}))
+        procs = [ctx.Process(target=_worker, args=(r, world_size, port, list(cases), outdir, env or {}, backend))
                  for r in range(world_size)]
         for p in procs:
             p.start()

@@ -1,5 +1,6 @@
-"""The shipped launch scripts on real software: SLURM (sbatch + srun, preempt + requeue + resume,
-one deepspeed launcher per node), mpirun and the deepspeed launcher.
+"""The shipped launch scripts on real software: SLURM (sbatch + srun; SIGTERM mid-run -> requeue ->
+resume; one deepspeed launcher per node with SIGUSR1 -> requeue -> resume), mpirun and the
+deepspeed launcher.
 
 Every run is the same short 2-rank pretraining of configs/tiny/vanilla.yaml (same seed,
 OMP_NUM_THREADS=1) and must log exactly the loss curve of the reference run, which is the
@@ -125,48 +126,58 @@ def test_sbatch_srun(slurm, reference, tmp_path):
     assert loss_curve(run_dir) == reference["curve"]
 
 
-@pytest.mark.slurm
-def test_sbatch_preempted_requeues_and_resumes(slurm, reference, tmp_path):
-    """SIGTERM mid-run: all ranks stop at one step, checkpoint, `scontrol requeue`; the requeued job
-    (same id) resumes from that checkpoint and the loss curve continues exactly."""
-    run_dir = str(tmp_path / "run")
-    job = sbatch(slurm, "pretrain.sbatch", run_dir, "--ntasks=2", "--ntasks-per-node=2")
+def signal_mid_run(slurm, job, run_dir, sig):
+    """Wait for the first logged step, send `sig` to the job's steps, wait for the job to end.
+
+    Returns the job's output and the step every rank stopped at.
+    """
     deadline = time.monotonic() + RUN_TIMEOUT
     while not loss_curve(run_dir):  # training has started
         assert time.monotonic() < deadline, f"job {job} never logged a step:\n{slurm.logs()}"
         assert slurm.job_field(job, "JobState") in ("PENDING", "RUNNING"), job_output(run_dir, job)[-4000:]
         time.sleep(0.05)
-    slurm.run(["scancel", "--signal=TERM", str(job)])
+    slurm.run(["scancel", f"--signal={sig}", str(job)])
     signalled_after = loss_curve(run_dir)[-1][0]
     state = slurm.wait_job(job, timeout=RUN_TIMEOUT)
     out = job_output(run_dir, job)
     assert state == "COMPLETED", out[-4000:]
     assert slurm.job_field(job, "Restarts") == "1", (
-        f"the job was not requeued (signal sent after step {signalled_after} of {MAX_STEPS}):\n{out[-4000:]}")
+        f"the job was not requeued (SIG{sig} sent after step {signalled_after} of {MAX_STEPS}):\n{out[-4000:]}")
     m = re.search(r"\[megams\] preemption signal: stopped at step (\d+)", out)
     assert m, out[-4000:]
     stopped = int(m.group(1))
     assert signalled_after <= stopped < MAX_STEPS
-    assert f"[megams] stopped on SIGTERM; requeueing: " in out and f"scontrol requeue {job}" in out
+    assert f"[megams] stopped on SIG{sig}; requeueing: " in out and f"scontrol requeue {job}" in out
     assert re.search(rf"\[megams\] resumed from \S+ at step {stopped}\b", out), out[-4000:]
     assert f"[megams-sbatch] job {job} restart 1:" in out
-    assert f"(SLURM job {job} step 0 restart 1)" in out
+    return out, stopped
+
+
+@pytest.mark.slurm
+def test_sbatch_preempted_requeues_and_resumes(slurm, reference, tmp_path):
+    """SIGTERM (preemption, scancel) mid-run: every rank stops at one step, checkpoints, and rank 0
+    runs `scontrol requeue`; the requeued job (same id) resumes from that checkpoint and the loss
+    curve continues exactly."""
+    run_dir = str(tmp_path / "run")
+    job = sbatch(slurm, "pretrain.sbatch", run_dir, "--ntasks=2", "--ntasks-per-node=2")
+    out, _ = signal_mid_run(slurm, job, run_dir, "TERM")
+    assert f"(SLURM job {job} step 0 restart 1) world=2" in out
     assert loss_curve(run_dir) == reference["curve"]
 
 
 @pytest.mark.slurm
-def test_sbatch_deepspeed_per_node(slurm, reference, tmp_path):
-    """launch/slurm/pretrain_deepspeed.sbatch: one deepspeed launcher per node, generated hostfile."""
+def test_sbatch_deepspeed_per_node_time_limit_signal(slurm, reference, tmp_path):
+    """launch/slurm/pretrain_deepspeed.sbatch: one deepspeed launcher per node from a generated
+    hostfile; SIGUSR1 (what `--signal=USR1@120` sends before the time limit) reaches the launchers
+    too, which must survive it while the ranks checkpoint and requeue."""
     run_dir = str(tmp_path / "run")
     hostfile = str(tmp_path / "hostfile")
     job = sbatch(slurm, "pretrain_deepspeed.sbatch", run_dir, "--ntasks-per-node=1", "--cpus-per-task=2",
                  env={"RANKS_PER_NODE": "2", "HOSTFILE": hostfile})
-    state = slurm.wait_job(job, timeout=RUN_TIMEOUT)
-    out = job_output(run_dir, job)
-    assert state == "COMPLETED", out[-4000:]
+    out, _ = signal_mid_run(slurm, job, run_dir, "USR1")
     with open(hostfile) as f:
         assert f.read() == f"{slurm.node} slots=2\n"
     assert f"1 node(s) x 2 rank(s), hostfile {hostfile}: {slurm.node} slots=2 master 127.0.0.1:" in out
     line = started_line(out, "deepspeed")
-    assert " world=2 nodes=1 ranks/node=2 rank=0 local_rank=0 master=127.0.0.1:" in line
+    assert f"(SLURM job {job}) world=2 nodes=1 ranks/node=2 rank=0 local_rank=0 master=127.0.0.1:" in line
     assert loss_curve(run_dir) == reference["curve"]

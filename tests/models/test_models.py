@@ -12,18 +12,19 @@ PAIRWISE = all_cases()
 def _loss_falls(model_type, combo):
     torch.manual_seed(0)
     model = build_model(tiny(model_type, **combo), seed=1)
-    tokens = torch.randint(0, 64, (4, 33))
+    start = torch.randint(0, 64, (4, 1), generator=torch.Generator().manual_seed(0))
+    tokens = (start + torch.arange(33)) % 64  # learnable in a few steps: next = this + 1
     x, y = tokens[:, :-1], tokens[:, 1:]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     losses = []
-    for _ in range(8):
+    for _ in range(12):
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         opt.zero_grad()
         loss.backward()
         assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.3, losses
+    assert losses[-1] < 0.85 * losses[0], losses
     # every parameter takes part (a dead branch would keep a None or all-zero gradient)
     dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
     assert not dead, dead
@@ -141,3 +142,21 @@ def test_dropout_trains_and_eval_is_deterministic():
     assert not torch.equal(model(tokens), model(tokens))
     model.eval()
     assert torch.equal(model(tokens), model(tokens))
+
+
+@pytest.mark.parametrize("model_type,combo", [
+    ("vanilla", {}), ("bottom_up", {"pooling": "attention", "upsampling": "attention", "shift_pad": "learned"}),
+    ("top_down", {"upsampling": "linear", "shift_pad": "learned"}), ("retina", {"retina_chunk_size": 5}),
+])
+def test_bf16(model_type, combo):
+    """bf16 autocast trains (every parameter gets a gradient); a pure-bf16 copy runs."""
+    model = build_model(tiny(model_type, **combo))
+    tokens = torch.randint(0, 64, (2, 37))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(tokens)
+    assert logits.dtype == torch.bfloat16
+    logits.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    pure = build_model(tiny(model_type, **combo)).to(torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(pure(tokens).float(), model(tokens).detach().float(), atol=0.05, rtol=0.05)

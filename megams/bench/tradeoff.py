@@ -1,0 +1,106 @@
+"""Study 1, the paper's claim: validation perplexity against memory, at equal tokens and width.
+
+Models (width d, heads h, vanilla depth L):
+  vanilla-L, vanilla-L/2                           the baselines
+  bottom-up (tuned)     2L layers: 1 + L/2 @ n/4 + (3L/2 - 2) @ n/16 + 1, linear pooling, sum
+                        aggregation, linear upsampling (see docs/RESULTS.md for why)
+  bottom-up (naive)     2L layers: 1 + (L - 2) @ n/4 + L @ n/16 + 1, avg pooling, sum, repeat
+  top-down              2L layers: n_0 = L/4, n_1 = 3L/8, the rest at n/16, linear pooling
+  retina                L/2 full-resolution layers, windows (16, 4, 4) over pools (4, 16)
+Each model trains in a fresh process (its own peak RSS) on the same batches.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Dict, List, Optional
+
+from megams.bench import report
+from megams.bench.runner import run_fresh
+
+
+def default_models(d: int, heads: int, L: int) -> Dict[str, dict]:
+    c = {"d_model": d, "n_heads": heads}
+    bu = {"type": "bottom_up", "shorten_factors": [4, 4], **c}
+    n1 = max(1, L // 2)
+    td0, td1 = max(1, L // 4), max(1, 3 * L // 8)
+    return {
+        f"vanilla-{L}": {"type": "vanilla", "n_layers": L, **c},
+        f"vanilla-{L // 2}": {"type": "vanilla", "n_layers": L // 2, **c},
+        f"bottom-up-{2 * L} (tuned)": {**bu, "layers_per_scale": [1, n1, 2 * L - 2 - n1], "n_post": 1,
+                                       "pooling": "linear", "aggregation": "sum", "upsampling": "linear"},
+        f"bottom-up-{2 * L} (naive)": {**bu, "layers_per_scale": [1, L - 2, L], "n_post": 1,
+                                       "pooling": "avg", "aggregation": "sum", "upsampling": "repeat"},
+        f"top-down-{2 * L}": {"type": "top_down", "shorten_factors": [4, 4], **c,
+                              "layers_per_scale": [td0, td1, 2 * L - td0 - td1], "pooling": "linear"},
+        f"retina-{L // 2}": {"type": "retina", "n_layers": L // 2, "retina_factors": [4, 16],
+                             "retina_windows": [16, 4, 4], **c},
+    }
+
+
+def run(corpus: str, out_dir: str, d: int = 128, heads: int = 4, L: int = 8, seq_len: int = 256, batch: int = 8,
+        steps: int = 1000, lr: float = 1e-3, eval_batches: int = 16, eval_every: int = 250, threads: int = 2,
+        models: Optional[Dict[str, dict]] = None, only: Optional[List[str]] = None, log=print) -> dict:
+    models = models or default_models(d, heads, L)
+    if only:
+        models = {k: v for k, v in models.items() if any(o in k for o in only)}
+    rows = []
+    t_all = time.time()
+    for label, m in models.items():
+        t0 = time.time()
+        spec = {"label": label, "model": {"vocab_size": 256, **m}, "data_path": corpus, "seq_len": seq_len,
+                "batch": batch, "steps": steps, "lr": lr, "eval_batches": eval_batches, "eval_every": eval_every,
+                "threads": threads, "precision": "fp32"}
+        r = run_fresh(spec)
+        r["model_cfg"] = m
+        r["wall_s"] = time.time() - t0
+        rows.append(r)
+        log(f"[tradeoff] {label}: val ppl {r.get('val_ppl', float('nan')):.3f} bpb {r.get('val_bpb', float('nan')):.3f} "
+            f"act {r['act_bytes_per_seq'] / report.MiB:.2f} MiB/seq {r['tokens_per_s']:.0f} tok/s ({r['wall_s']:.0f} s)")
+    base = next((r for r in rows if r["label"] == f"vanilla-{L // 2}"), rows[0])
+    for r in rows:
+        r["act_ratio"] = report.ratio(r["act_bytes_per_seq"], base["act_bytes_per_seq"])
+    cols = [("model", lambda r: r["label"]), ("layers", lambda r: r["layers"]), ("params", lambda r: r["params"]),
+            ("MFLOP/token", lambda r: r["flops_per_token"] / 1e6),
+            ("act MiB/seq (saved)", lambda r: r["act_bytes_per_seq"] / report.MiB),
+            (f"act vs vanilla-{L // 2}", lambda r: f"{r['act_ratio']:.2f}x"),
+            ("act MiB/seq (cost model)", lambda r: r["act_bytes_per_seq_est"] / report.MiB),
+            ("peak RSS MiB", lambda r: r["peak_rss_bytes"] / report.MiB),
+            ("tokens/s", lambda r: r["tokens_per_s"]),
+            ("val ppl", lambda r: r.get("val_ppl")), ("val bits/byte", lambda r: r.get("val_bpb"))]
+    text = report.table(rows, cols)
+    setting = {"corpus": corpus, "d_model": d, "n_heads": heads, "L": L, "seq_len": seq_len, "batch": batch,
+               "steps": steps, "tokens": steps * batch * seq_len, "lr": lr, "precision": "fp32",
+               "threads": threads, "eval_batches": eval_batches}
+    payload = {"study": "tradeoff", "machine": report.machine(), "setting": setting, "rows": rows,
+               "wall_s": time.time() - t_all}
+    report.write_outputs(out_dir, "tradeoff", payload, text)
+    plot(rows, f"{out_dir}/tradeoff.png", setting)
+    log(text)
+    return payload
+
+
+def plot(rows: List[dict], path: str, setting: dict) -> None:
+    fig, (ax, ax2) = report.new_figure(2, width=5.6)
+    for r in rows:
+        x, y = r["act_bytes_per_seq"] / report.MiB, r.get("val_ppl")
+        ax.scatter([x], [y], s=40)
+        ax.annotate(r["label"], (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ev = r.get("evals") or []
+        if ev:
+            ax2.plot([e["step"] for e in ev], [e["val_bpb"] for e in ev], marker="o", ms=3, label=r["label"])
+    ax.set_xlabel("activation memory per sequence (MiB, saved for backward, fp32)")
+    ax.set_ylabel("validation perplexity (bytes)")
+    ax.set_title(f"equal tokens ({setting['tokens'] / 1e6:.1f}M), d={setting['d_model']}, T={setting['seq_len']}",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("validation bits/byte")
+    ax2.legend(fontsize=7)
+    ax2.grid(alpha=0.3)
+    report.save_figure(fig, path)
+
+
+def load_models(path: str) -> Dict[str, dict]:
+    with open(path) as f:
+        return json.load(f)

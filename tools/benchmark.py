@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""megams benchmark studies: one subcommand each; every study prints a Markdown table and writes
+raw JSON, the table and a PNG plot into --out (default bench_out/<study>/).
+
+    python tools/benchmark.py tradeoff   [--corpus FILE] [--steps 1000] [--d-model 128] [--layers 8] ...
+    python tools/benchmark.py throughput [--batch 4] [--steps 6] [--quick]
+    python tools/benchmark.py peers      [--corpus FILE] [--steps 30]
+    python tools/benchmark.py scaling    (needs megams.parallel tensor/pipeline support)
+    python tools/benchmark.py tiny       [--corpus FILE] [--steps 300]
+
+Timed runs share 2 cores here: wrap them in `flock /tmp/megams-heavy.lock`. See docs/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+DEFAULT_CORPUS = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt"))
+
+
+def _out(args, study):
+    return args.out or os.path.join(ROOT, "bench_out", study)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="benchmark.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="study", required=True)
+
+    def common(sp, corpus=True):
+        sp.add_argument("--out", default=None, help="output directory (default bench_out/<study>)")
+        sp.add_argument("--threads", type=int, default=2, help="torch / OpenMP threads per process")
+        if corpus:
+            sp.add_argument("--corpus", default=DEFAULT_CORPUS, help="plain-text (or JSONL) file, split 90/10")
+
+    t = sub.add_parser("tradeoff", help="validation perplexity vs activation memory at equal tokens")
+    common(t)
+    t.add_argument("--d-model", type=int, default=128)
+    t.add_argument("--heads", type=int, default=4)
+    t.add_argument("--layers", type=int, default=8, help="L: vanilla-L and vanilla-L/2; hierarchical models get 2L")
+    t.add_argument("--seq-len", type=int, default=256)
+    t.add_argument("--batch", type=int, default=8)
+    t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--eval-batches", type=int, default=16)
+    t.add_argument("--eval-every", type=int, default=250)
+    t.add_argument("--only", nargs="*", default=None, help="run only models whose label contains one of these")
+    t.add_argument("--models", default=None, help="JSON file {label: ModelConfig fields} replacing the default set")
+
+    th = sub.add_parser("throughput", help="tokens/s, TFLOP/s and MFU vs the measured matmul peak")
+    common(th, corpus=False)
+    th.add_argument("--seq-len", type=int, default=256)
+    th.add_argument("--batch", type=int, default=4)
+    th.add_argument("--steps", type=int, default=6, help="timed steps per configuration (after warm-up)")
+    th.add_argument("--quick", action="store_true", help="d256 only, no compile / checkpointing variants")
+
+    pe = sub.add_parser("peers", help="megams vs HF GPT-2 and hourglass-transformer-pytorch")
+    common(pe)
+    pe.add_argument("--d-model", type=int, default=256)
+    pe.add_argument("--heads", type=int, default=4)
+    pe.add_argument("--layers", type=int, default=4)
+    pe.add_argument("--seq-len", type=int, default=256)
+    pe.add_argument("--batch", type=int, default=8)
+    pe.add_argument("--steps", type=int, default=30)
+
+    sc = sub.add_parser("scaling", help="tokens/s and memory per rank across dp/tp/pp layouts")
+    common(sc, corpus=False)
+
+    ti = sub.add_parser("tiny", help="configs/tiny/*.yaml through the real trainer")
+    common(ti)
+    ti.add_argument("--steps", type=int, default=300)
+    ti.add_argument("--configs", nargs="*", default=None)
+    ti.add_argument("--set", action="append", default=[], help="extra trainer override, e.g. data.seq_len=128")
+
+    a = p.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
+    if getattr(a, "corpus", None) and not os.path.isfile(a.corpus):
+        print(f"error: --corpus {a.corpus}: no such file", file=sys.stderr)
+        return 2
+    if a.study == "tradeoff":
+        from megams.bench import tradeoff
+        models = tradeoff.load_models(a.models) if a.models else None
+        tradeoff.run(a.corpus, _out(a, "tradeoff"), d=a.d_model, heads=a.heads, L=a.layers, seq_len=a.seq_len,
+                     batch=a.batch, steps=a.steps, lr=a.lr, eval_batches=a.eval_batches, eval_every=a.eval_every,
+                     threads=a.threads, models=models, only=a.only)
+    elif a.study == "throughput":
+        from megams.bench import throughput
+        grid = throughput.default_grid(sizes=("d256",), big=None, options_size=None) if a.quick else None
+        throughput.run(_out(a, "throughput"), grid=grid, seq_len=a.seq_len, batch=a.batch, steps=a.steps,
+                       threads=a.threads)
+    elif a.study == "peers":
+        from megams.bench import peers
+        peers.run(a.corpus, _out(a, "peers"), d=a.d_model, heads=a.heads, L=a.layers, seq_len=a.seq_len,
+                  batch=a.batch, steps=a.steps, threads=a.threads)
+    elif a.study == "scaling":
+        from megams.bench import scaling
+        return scaling.run(_out(a, "scaling"), threads=a.threads)
+    elif a.study == "tiny":
+        from megams.bench import tiny
+        tiny.run(a.corpus, _out(a, "tiny"), steps=a.steps, configs=a.configs, threads=a.threads, extra=[
+            x for s in a.set for x in ("--set", s)])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
