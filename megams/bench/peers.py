@@ -40,18 +40,20 @@ def available() -> dict:
 
 
 def run(corpus: str, out_dir: str, d: int = 256, heads: int = 4, L: int = 4, k: int = 4, seq_len: int = 256,
-        batch: int = 8, steps: int = 30, threads: int = 2, log=print) -> dict:
+        batch: int = 8, steps: int = 30, threads: int = 2, runner=run_fresh, data_cache: str = ".cache/megams-data",
+        log=print) -> dict:
     have = available()
     t_all = time.time()
     rows = []
     common = {"data_path": corpus, "seq_len": seq_len, "batch": batch, "steps": steps, "threads": threads,
-              "precision": "fp32", "timed_skip": 3, "eval_batches": 0}
+              "precision": "fp32", "timed_skip": 3, "eval_batches": 0,
+              "data_cache": data_cache}
     for label, ours, impl, peer in pairs(d, heads, L, k):
         if not have[impl]:
             log(f"[peers] {impl} not installed (pip install -r tools/requirements-bench.txt -c constraints.txt): skipped")
             continue
-        a = run_fresh({**common, "label": f"megams {label}", "impl": "megams", "model": ours})
-        b = run_fresh({**common, "label": f"{impl} {label}", "impl": impl, "model": peer})
+        a = runner({**common, "label": f"megams {label}", "impl": "megams", "model": ours})
+        b = runner({**common, "label": f"{impl} {label}", "impl": impl, "model": peer})
         for r in (a, b):
             r.pop("loss_curve", None)
         row = {"shape": label, "peer": impl, "megams": a, "peer_result": b,

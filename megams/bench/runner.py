@@ -45,6 +45,7 @@ DEFAULTS = {
     "eval_every": 0,          # also evaluate every N steps (0: only at the end)
     "measure_activations": True,
     "seed": 1234,
+    "device": "cpu",          # cpu | cuda (the documented larger GPU setting)
     "label": "",
 }
 
@@ -169,7 +170,7 @@ def _loss(logits, targets):
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
-def measure_saved_bytes_per_seq(model, seq_len: int, vocab: int, autocast) -> int:
+def measure_saved_bytes_per_seq(model, seq_len: int, vocab: int, autocast, device: str = "cpu") -> int:
     """Exact bytes autograd saves for backward per sequence of `seq_len` tokens: saved-tensor hooks,
     each storage once, parameters excluded; taken as the difference between batch 2 and batch 1 so
     batch-independent saves (autocast's bf16 weight copies, masks, rotary tables) cancel out."""
@@ -179,7 +180,7 @@ def measure_saved_bytes_per_seq(model, seq_len: int, vocab: int, autocast) -> in
     params = list(model.parameters())
     out = []
     for b in (1, 2):
-        x = torch.randint(0, vocab, (b, seq_len), generator=torch.Generator().manual_seed(0))
+        x = torch.randint(0, vocab, (b, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
 
         def fn():
             with autocast():
@@ -204,22 +205,25 @@ def run_spec(spec: dict, log: Optional[Callable[[str], None]] = None) -> dict:
         model, info = _build_peer(spec)
         vocab = spec["model"]["vocab_size"]
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    dev = spec["device"]
+    cuda = dev.startswith("cuda")
+    model = model.to(dev)
     data = (_Corpus(spec["data_path"], T, spec["seed"], spec["data_cache"]) if spec["data_path"]
             else _RandomTokens(vocab, T, spec["seed"]))
     bf16 = spec["precision"] == "bf16"
 
     def autocast():
-        return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+        return torch.autocast(dev.split(":")[0], dtype=torch.bfloat16) if bf16 else nullcontext()
 
     result = {"label": spec["label"], "impl": spec["impl"], "params": n_params, **info,
               "seq_len": T, "batch": B, "steps": spec["steps"], "precision": spec["precision"],
               "compile": spec["compile"], "ac": spec["ac"], "threads": torch.get_num_threads()}
     if spec["measure_activations"]:
-        result["act_bytes_per_seq"] = measure_saved_bytes_per_seq(model, T, vocab, autocast)
+        result["act_bytes_per_seq"] = measure_saved_bytes_per_seq(model, T, vocab, autocast, dev)
     if spec["ac"]:
         result["ac_how"] = apply_block_checkpointing(model)
         if spec["measure_activations"]:
-            result["act_bytes_per_seq_ac"] = measure_saved_bytes_per_seq(model, T, vocab, autocast)
+            result["act_bytes_per_seq_ac"] = measure_saved_bytes_per_seq(model, T, vocab, autocast, dev)
     fwd = torch.compile(model) if spec["compile"] else model
 
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -244,6 +248,7 @@ def run_spec(spec: dict, log: Optional[Callable[[str], None]] = None) -> dict:
         tot, cnt = 0.0, 0
         with torch.no_grad():
             for x, y in ev.batches:
+                x, y = x.to(dev), y.to(dev)
                 with autocast():
                     logits = fwd(x)
                 tot += _loss(logits, y).item() * y.numel()
@@ -261,6 +266,9 @@ def run_spec(spec: dict, log: Optional[Callable[[str], None]] = None) -> dict:
         for g in opt.param_groups:
             g["lr"] = spec["lr"] * lr_at(s)
         x, y = data.batch(s, B)
+        x, y = x.to(dev), y.to(dev)
+        if cuda:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         with autocast():
             logits = fwd(x)
@@ -270,6 +278,8 @@ def run_spec(spec: dict, log: Optional[Callable[[str], None]] = None) -> dict:
             torch.nn.utils.clip_grad_norm_(model.parameters(), spec["grad_clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
         if log and (s + 1) % max(1, steps // 10) == 0:
@@ -287,6 +297,8 @@ def run_spec(spec: dict, log: Optional[Callable[[str], None]] = None) -> dict:
         "loss_curve": losses[:: max(1, steps // 50)],
         "rss_after_build_bytes": rss_ready, "rss_after_import_bytes": rss_import, "peak_rss_bytes": _rss(),
     })
+    if cuda:
+        result["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
     if "flops_per_token" in result:
         result["tflops"] = result["flops_per_token"] * result["tokens_per_s"] / 1e12
     ev = evaluate()

@@ -80,7 +80,7 @@ def run(out_dir: str, threads: int = 1, steps: int = 12, config: str = "", layou
     t_all = time.time()
     balance = partition_balance()
     rows = []
-    for dp, tp, pp in (layouts or LAYOUTS):
+    for dp, tp, pp in (LAYOUTS if layouts is None else layouts):
         r = run_layout(dp, tp, pp, out_dir, steps, config)
         rows.append(r)
         log(f"[scaling] dp={dp} tp={tp} pp={pp}: " + (f"error: {r['error']}" if "error" in r else

@@ -40,6 +40,7 @@ def default_models(d: int, heads: int, L: int) -> Dict[str, dict]:
 
 def run(corpus: str, out_dir: str, d: int = 128, heads: int = 4, L: int = 8, seq_len: int = 256, batch: int = 8,
         steps: int = 1000, lr: float = 1e-3, eval_batches: int = 16, eval_every: int = 250, threads: int = 2,
+        runner=run_fresh, data_cache: str = ".cache/megams-data", device: str = "cpu",
         models: Optional[Dict[str, dict]] = None, only: Optional[List[str]] = None, log=print) -> dict:
     models = models or default_models(d, heads, L)
     if only:
@@ -50,8 +51,9 @@ def run(corpus: str, out_dir: str, d: int = 128, heads: int = 4, L: int = 8, seq
         t0 = time.time()
         spec = {"label": label, "model": {"vocab_size": 256, **m}, "data_path": corpus, "seq_len": seq_len,
                 "batch": batch, "steps": steps, "lr": lr, "eval_batches": eval_batches, "eval_every": eval_every,
-                "threads": threads, "precision": "fp32"}
-        r = run_fresh(spec)
+                "threads": threads, "precision": "fp32", "data_cache": data_cache,
+                "device": device}
+        r = runner(spec)
         r["model_cfg"] = m
         r["wall_s"] = time.time() - t0
         rows.append(r)

@@ -40,8 +40,9 @@ def parse_args(argv):
 
 
 def _user_error_types():
+    from megams.checkpoint.errors import CheckpointError
     from megams.data.errors import DataError
-    return (ConfigError, DataError)
+    return (ConfigError, DataError, CheckpointError)
 
 
 def main(argv=None) -> int:
@@ -169,7 +170,10 @@ class Trainer:
         else:
             torch.manual_seed(c.training.seed + layout.dp_rank)
         model, loss_fn = self._build_model(layout)
+        plain_names = {id(p): n for n, p in model.named_parameters()}  # pipeline stages rename parameters
         engine, _, scheduler = build_engine(c, model, layout.dp, mode, mpu=getattr(layout.dims, "mpu", None))
+        from megams.checkpoint.reshard import describe_layout, start_from
+        recorded = describe_layout(engine, c, layout, plain_names)  # how parameters are split: megams.json
         train = GlobalBatches(data.train, c.data.seq_len, c.training.global_batch_size, c.training.micro_batch_size,
                               layout.dp_rank, layout.dp)
 
@@ -183,6 +187,11 @@ class Trainer:
             metrics.truncate_after(step)
             if is_main:
                 print(f"[megams] resumed from {latest} at step {step}", flush=True)
+        elif c.checkpoint.load_from:  # another layout, or a plain-torch directory (megams.checkpoint.reshard)
+            step, data_state = start_from(engine, scheduler, c, layout, recorded, c.checkpoint.load_from,
+                                          log=lambda m: is_main and print(m, flush=True))
+            if data_state:
+                train.load_state_dict(data_state)
         if step >= c.training.max_steps:
             if is_main:
                 print(f"[megams] run already at training.max_steps={c.training.max_steps}; checkpoint: {latest}")
@@ -205,7 +214,7 @@ class Trainer:
             return {"format": "megams-checkpoint/1", "step": s, "data": train.state_dict(), "config": dump_config(c),
                     "layout": {"world": layout.world, "dp": layout.dp, "tp": layout.tp, "pp": layout.pp,
                                "zero_stage": c.parallel.zero_stage, "precision": c.training.precision},
-                    "tokenizer": data.tokenizer.fingerprint}
+                    "tokenizer": data.tokenizer.fingerprint, "parameters": recorded}
 
         last_ckpt = latest
         own_norm = c.parallel.zero_stage == 0 and mode in ("fp32", "autocast_bf16")

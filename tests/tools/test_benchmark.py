@@ -1,0 +1,82 @@
+"""Smoke test: every benchmark study's code path at toy scale (no timing asserts)."""
+import json
+import os
+
+import pytest
+
+from megams.bench import peers, scaling, throughput, tiny, tradeoff
+from megams.bench.runner import run_spec
+
+TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 60)
+TOY = {"d_model": 32, "n_heads": 2}
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    p = tmp_path / "corpus.txt"
+    p.write_text(TEXT)
+    return str(p)
+
+
+def quiet(*_):
+    pass
+
+
+def test_tradeoff_toy(tmp_path, corpus):
+    models = {"vanilla-2": {"type": "vanilla", "n_layers": 2, **TOY},
+              "vanilla-1": {"type": "vanilla", "n_layers": 1, **TOY},
+              "bottom-up": {"type": "bottom_up", "shorten_factors": [2, 2], "layers_per_scale": [1, 1, 1],
+                            "n_post": 1, "pooling": "linear", "aggregation": "sum", "upsampling": "linear", **TOY}}
+    out = tmp_path / "tradeoff"
+    res = tradeoff.run(corpus, str(out), d=32, heads=2, L=2, seq_len=32, batch=2, steps=3, eval_batches=1,
+                       eval_every=2, threads=1, models=models, data_cache=str(tmp_path / "cache"), runner=run_spec,
+                       log=quiet)
+    rows = {r["label"]: r for r in res["rows"]}
+    assert rows["vanilla-1"]["act_ratio"] == pytest.approx(1.0)
+    assert all(r["act_bytes_per_seq"] > 0 and r["val_ppl"] > 1 for r in rows.values())
+    assert (out / "tradeoff.png").exists() and json.load(open(out / "tradeoff.json"))["study"] == "tradeoff"
+    # the default model set is well-formed for the documented L
+    from megams.config.schema import ModelConfig
+    for m in tradeoff.default_models(128, 4, 8).values():
+        ModelConfig(**m)
+
+
+def test_tradeoff_fresh_process(tmp_path, corpus):
+    from megams.bench.runner import run_fresh
+    r = run_fresh({"model": {"type": "vanilla", "n_layers": 1, **TOY}, "data_path": corpus, "seq_len": 16,
+                   "batch": 2, "steps": 2, "eval_batches": 1, "threads": 1, "data_cache": str(tmp_path / "c")})
+    assert r["peak_rss_bytes"] > 0 and r["val_bpb"] > 0
+
+
+def test_throughput_toy(tmp_path):
+    sizes = {"toy": (32, 2, 2)}
+    grid = [{"model": m, "size": "toy", "precision": p, "compile": False, "ac": ac}
+            for m, p, ac in (("vanilla", "fp32", False), ("bottom_up", "bf16", True), ("retina", "fp32", False),
+                             ("top_down", "fp32", False))]
+    res = throughput.run(str(tmp_path), grid=grid, seq_len=32, batch=2, steps=1, threads=1, peak_n=128,
+                         peak_seconds=0.05, sizes=sizes, log=quiet)
+    assert len(res["rows"]) == 4 and all(r["mfu"] > 0 for r in res["rows"])
+    assert len(throughput.default_grid()) > 20
+
+
+@pytest.mark.skipif(not all(peers.available().values()), reason="peers not installed (tools/requirements-bench.txt)")
+def test_peers_toy(tmp_path, corpus):
+    res = peers.run(corpus, str(tmp_path), d=32, heads=2, L=4, k=2, seq_len=32, batch=2, steps=2, threads=1,
+                    data_cache=str(tmp_path / "cache"), runner=run_spec, log=quiet)
+    assert [r["peer"] for r in res["rows"]] == ["gpt2", "hourglass"]
+    assert all(r["tok_ratio"] > 0 and r["act_ratio"] > 0 for r in res["rows"])
+
+
+def test_scaling_partition_only(tmp_path):
+    assert scaling.run(str(tmp_path), layouts=[], log=quiet) == 0
+    bal = json.load(open(tmp_path / "scaling.json"))["partition_balance"]
+    assert all(r["cost"] <= r["uniform"] + 1e-9 for r in bal)
+
+
+def test_tiny_through_trainer(tmp_path, corpus):
+    cfg = os.path.join(tiny.ROOT, "configs", "tiny", "vanilla.yaml")
+    res = tiny.run(corpus, str(tmp_path), steps=2, configs=[cfg], threads=1, log=quiet,
+                   extra=["--set", "data.seq_len=32", "--set", "training.micro_batch_size=2",
+                          "--set", "training.global_batch_size=2", "--set", "model.d_model=32",
+                          "--set", "training.eval_batches=1", "--set", f"data.cache_dir={tmp_path / 'cache'}"])
+    assert res["rows"][0]["params"] > 0 and res["rows"][0]["val_ppl"] > 1
