@@ -48,6 +48,8 @@ def main(argv=None) -> int:
     t.add_argument("--eval-batches", type=int, default=16)
     t.add_argument("--eval-every", type=int, default=250)
     t.add_argument("--only", nargs="*", default=None, help="run only models whose label contains one of these")
+    t.add_argument("--resume", action="store_true",
+                   help="keep rows of an earlier run in --out with the same setting and model config")
     t.add_argument("--device", default="cpu", help="cpu | cuda (the larger GPU setting in docs/RESULTS.md)")
     t.add_argument("--models", default=None, help="JSON file {label: ModelConfig fields} replacing the default set")
 
@@ -86,7 +88,8 @@ def main(argv=None) -> int:
         models = tradeoff.load_models(a.models) if a.models else None
         tradeoff.run(a.corpus, _out(a, "tradeoff"), d=a.d_model, heads=a.heads, L=a.layers, seq_len=a.seq_len,
                      batch=a.batch, steps=a.steps, lr=a.lr, eval_batches=a.eval_batches, eval_every=a.eval_every,
-                     threads=a.threads, models=models, only=a.only, device=a.device)
+                     threads=a.threads, models=models, only=a.only, device=a.device,
+                     resume=a.resume)
     elif a.study == "throughput":
         from megams.bench import throughput
         grid = throughput.default_grid(sizes=("d256",), big=None, options_size=None) if a.quick else None

@@ -2,9 +2,10 @@
 
 Models (width d, heads h, vanilla depth L):
   vanilla-L, vanilla-L/2                           the baselines
-  bottom-up (tuned)     2L layers: 1 + L/2 @ n/4 + (3L/2 - 2) @ n/16 + 1, linear pooling, sum
-                        aggregation, linear upsampling (see docs/RESULTS.md for why)
-  bottom-up (naive)     2L layers: 1 + (L - 2) @ n/4 + L @ n/16 + 1, avg pooling, sum, repeat
+  bottom-up naive       2L layers: 1 + (L - 2) @ n/4 + L @ n/16 + 1, avg pooling, sum, repeat
+  bottom-up (tuned)     2L layers, 3 at full resolution after the coarse stack: 0 + (2L - 3) @ n/16 + 3,
+                        and 0 + 3 @ n/8 + (2L - 6) @ n/32 + 3; linear pooling, sum aggregation, linear
+                        upsampling (see docs/RESULTS.md for the probes that chose them)
   top-down              2L layers: n_0 = L/4, n_1 = 3L/8, the rest at n/16, linear pooling
   retina                L/2 full-resolution layers, windows (16, 4, 4) over pools (4, 16)
 Each model trains in a fresh process (its own peak RSS) on the same batches.
@@ -20,19 +21,25 @@ from megams.bench.runner import run_fresh
 
 
 def default_models(d: int, heads: int, L: int) -> Dict[str, dict]:
+    """The study's models at width d: two vanilla baselines, the naive bottom-up, two tuned
+    bottom-ups (3 full-resolution layers, linear pooling / upsampling, sum aggregation; found by
+    the probes in docs/RESULTS.md), top-down and retina."""
     c = {"d_model": d, "n_heads": heads}
-    bu = {"type": "bottom_up", "shorten_factors": [4, 4], **c}
-    n1 = max(1, L // 2)
+    lin = {"type": "bottom_up", "pooling": "linear", "aggregation": "sum", "upsampling": "linear", **c}
     td0, td1 = max(1, L // 4), max(1, 3 * L // 8)
+    n = 2 * L
     return {
         f"vanilla-{L}": {"type": "vanilla", "n_layers": L, **c},
         f"vanilla-{L // 2}": {"type": "vanilla", "n_layers": L // 2, **c},
-        f"bottom-up-{2 * L} (tuned)": {**bu, "layers_per_scale": [1, n1, 2 * L - 2 - n1], "n_post": 1,
-                                       "pooling": "linear", "aggregation": "sum", "upsampling": "linear"},
-        f"bottom-up-{2 * L} (naive)": {**bu, "layers_per_scale": [1, L - 2, L], "n_post": 1,
-                                       "pooling": "avg", "aggregation": "sum", "upsampling": "repeat"},
-        f"top-down-{2 * L}": {"type": "top_down", "shorten_factors": [4, 4], **c,
-                              "layers_per_scale": [td0, td1, 2 * L - td0 - td1], "pooling": "linear"},
+        f"bottom-up-{n} naive 1+{L - 2}@4+{L}@16+1": {
+            "type": "bottom_up", "shorten_factors": [4, 4], "layers_per_scale": [1, L - 2, L], "n_post": 1,
+            "pooling": "avg", "aggregation": "sum", "upsampling": "repeat", **c},
+        f"bottom-up-{n} 0+{n - 3}@16+3": {**lin, "shorten_factors": [16], "layers_per_scale": [0, n - 3],
+                                         "n_post": 3},
+        f"bottom-up-{n} 0+3@8+{n - 6}@32+3": {**lin, "shorten_factors": [8, 4], "layers_per_scale": [0, 3, n - 6],
+                                             "n_post": 3},
+        f"top-down-{n}": {"type": "top_down", "shorten_factors": [4, 4], **c,
+                          "layers_per_scale": [td0, td1, n - td0 - td1], "pooling": "linear"},
         f"retina-{L // 2}": {"type": "retina", "n_layers": L // 2, "retina_factors": [4, 16],
                              "retina_windows": [16, 4, 4], **c},
     }
@@ -41,13 +48,24 @@ def default_models(d: int, heads: int, L: int) -> Dict[str, dict]:
 def run(corpus: str, out_dir: str, d: int = 128, heads: int = 4, L: int = 8, seq_len: int = 256, batch: int = 8,
         steps: int = 1000, lr: float = 1e-3, eval_batches: int = 16, eval_every: int = 250, threads: int = 2,
         runner=run_fresh, data_cache: str = ".cache/megams-data", device: str = "cpu",
-        models: Optional[Dict[str, dict]] = None, only: Optional[List[str]] = None, log=print) -> dict:
+        models: Optional[Dict[str, dict]] = None, only: Optional[List[str]] = None, resume: bool = False,
+        log=print) -> dict:
+    """`resume`: keep the rows of an earlier run in `out_dir` with the same setting and model config
+    (results are written after every model, so an interrupted or extended study continues)."""
     models = models or default_models(d, heads, L)
     if only:
         models = {k: v for k, v in models.items() if any(o in k for o in only)}
+    setting = {"corpus": corpus, "d_model": d, "n_heads": heads, "L": L, "seq_len": seq_len, "batch": batch,
+               "steps": steps, "tokens": steps * batch * seq_len, "lr": lr, "precision": "fp32",
+               "threads": threads, "eval_batches": eval_batches, "device": device}
+    earlier = _earlier_rows(out_dir, setting) if resume else {}
     rows = []
     t_all = time.time()
     for label, m in models.items():
+        if label in earlier and earlier[label]["model_cfg"] == m:
+            rows.append(earlier[label])
+            log(f"[tradeoff] {label}: kept from the earlier run in {out_dir}")
+            continue
         t0 = time.time()
         spec = {"label": label, "model": {"vocab_size": 256, **m}, "data_path": corpus, "seq_len": seq_len,
                 "batch": batch, "steps": steps, "lr": lr, "eval_batches": eval_batches, "eval_every": eval_every,
@@ -57,6 +75,7 @@ def run(corpus: str, out_dir: str, d: int = 128, heads: int = 4, L: int = 8, seq
         r["model_cfg"] = m
         r["wall_s"] = time.time() - t0
         rows.append(r)
+        _save_partial(out_dir, setting, rows + [v for k, v in earlier.items() if k not in models])
         log(f"[tradeoff] {label}: val ppl {r.get('val_ppl', float('nan')):.3f} bpb {r.get('val_bpb', float('nan')):.3f} "
             f"act {r['act_bytes_per_seq'] / report.MiB:.2f} MiB/seq {r['tokens_per_s']:.0f} tok/s ({r['wall_s']:.0f} s)")
     base = next((r for r in rows if r["label"] == f"vanilla-{L // 2}"), rows[0])
@@ -71,9 +90,6 @@ def run(corpus: str, out_dir: str, d: int = 128, heads: int = 4, L: int = 8, seq
             ("tokens/s", lambda r: r["tokens_per_s"]),
             ("val ppl", lambda r: r.get("val_ppl")), ("val bits/byte", lambda r: r.get("val_bpb"))]
     text = report.table(rows, cols)
-    setting = {"corpus": corpus, "d_model": d, "n_heads": heads, "L": L, "seq_len": seq_len, "batch": batch,
-               "steps": steps, "tokens": steps * batch * seq_len, "lr": lr, "precision": "fp32",
-               "threads": threads, "eval_batches": eval_batches}
     payload = {"study": "tradeoff", "machine": report.machine(), "setting": setting, "rows": rows,
                "wall_s": time.time() - t_all}
     report.write_outputs(out_dir, "tradeoff", payload, text)
@@ -101,6 +117,25 @@ def plot(rows: List[dict], path: str, setting: dict) -> None:
     ax2.legend(fontsize=7)
     ax2.grid(alpha=0.3)
     report.save_figure(fig, path)
+
+
+def _earlier_rows(out_dir: str, setting: dict) -> Dict[str, dict]:
+    for name in ("tradeoff.json", "tradeoff.partial.json"):
+        try:
+            with open(f"{out_dir}/{name}") as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if old.get("setting") == setting:
+            return {r["label"]: r for r in old["rows"]}
+    return {}
+
+
+def _save_partial(out_dir: str, setting: dict, rows: List[dict]) -> None:
+    import os
+    os.makedirs(out_dir, exist_ok=True)
+    with open(f"{out_dir}/tradeoff.partial.json", "w") as f:
+        json.dump({"setting": setting, "rows": rows}, f, indent=1)
 
 
 def load_models(path: str) -> Dict[str, dict]:

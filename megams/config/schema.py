@@ -162,10 +162,22 @@ class DataConfig(_Strict):
 
 
 class ActivationCheckpointConfig(_Strict):
+    """What to recompute in backward (megams.parallel.checkpointing): `full` every transformer block,
+    `attention` every block's attention sublayer, `every_k` every k-th block. The two DeepSpeed
+    options switch to deepspeed.checkpointing (split the kept inputs over the tensor ranks / keep
+    them in host memory)."""
+
     mode: Literal["none", "full", "attention", "every_k"] = "none"
     every_k: int = Field(2, ge=1)
     partition_activations: bool = False
     cpu_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _needs_mode(self):
+        for flag in ("partition_activations", "cpu_checkpointing"):
+            if getattr(self, flag) and self.mode == "none":
+                raise ValueError(f"{flag}=true needs a checkpointing mode (full, attention or every_k), got mode=none")
+        return self
 
 
 class ParallelConfig(_Strict):
@@ -174,7 +186,8 @@ class ParallelConfig(_Strict):
     zero_stage: int = Field(0, ge=0, le=3)
     sequence_parallel: bool = False
     pipeline_partition: Literal["cost", "uniform", "explicit"] = "cost"
-    pipeline_layout: List[int] = Field(default_factory=list, description="explicit: layers per stage")
+    pipeline_layout: List[int] = Field(default_factory=list, description="explicit: pipeline units per stage (the "
+                                       "units the start-up partition report lists: embed, blocks, shortenings, ..., head)")
     activation_checkpointing: ActivationCheckpointConfig = Field(default_factory=ActivationCheckpointConfig)
 
     @model_validator(mode="after")
@@ -182,6 +195,21 @@ class ParallelConfig(_Strict):
         if self.pipeline > 1 and self.zero_stage > 1:
             raise ValueError(f"zero_stage={self.zero_stage} with pipeline={self.pipeline}: DeepSpeed refuses ZeRO-2/3 "
                              "with pipeline parallelism; use zero_stage 0 or 1")
+        return self
+
+    @model_validator(mode="after")
+    def _layout(self):
+        if self.pipeline > 1 and self.pipeline_partition == "explicit" and len(self.pipeline_layout) != self.pipeline:
+            raise ValueError(f"pipeline_partition=explicit needs pipeline_layout with one unit count per stage "
+                             f"({self.pipeline}), got {self.pipeline_layout}")
+        if self.pipeline_layout and self.pipeline_partition != "explicit":
+            raise ValueError(f"pipeline_layout={self.pipeline_layout} is only used with pipeline_partition=explicit "
+                             f"(got {self.pipeline_partition})")
+        if any(n < 1 for n in self.pipeline_layout):
+            raise ValueError(f"pipeline_layout entries must be >= 1, got {self.pipeline_layout}")
+        if self.activation_checkpointing.partition_activations and self.sequence_parallel:
+            raise ValueError("activation_checkpointing.partition_activations with sequence_parallel: the tensor ranks "
+                             "hold different parts of the sequence, there is no replicated activation to partition")
         return self
 
 

@@ -22,8 +22,9 @@ requires grad) is never inside a reentrant checkpoint; only blocks are, and a bl
 always a float activation that requires grad (the embedding's output, or a received activation).
 
 A checkpointed module keeps its class, parameters and names (checkpoints are unaffected): its
-`forward` is replaced on the instance by a `functools.partial` that runs the class's forward
-under checkpointing (a `deepcopy` of the model stays correct: the partial is copied with it).
+`forward` is replaced on the instance by a `functools.partial` that runs the forward it had
+(the class's, or apply_tp's wrapper of it) under checkpointing; a `deepcopy` of the model stays
+correct (the partial and the bound method in it are copied with the module).
 Recomputation restores the RNG — torch's default generator (both implementations) and the
 model-parallel stream of megams' RNG tracker (here) — so dropout draws the same masks twice.
 """
@@ -59,19 +60,20 @@ def _with_tracker_replay(fn):
     return run
 
 
-def _checkpointed_forward(module: nn.Module, *args, use_deepspeed: bool = False):
-    run = functools.partial(type(module).forward, module)
+def _checkpointed_forward(inner, *args, use_deepspeed: bool = False, **kwargs):
     if not torch.is_grad_enabled():  # evaluation: nothing to save, nothing to recompute
-        return run(*args)
+        return inner(*args, **kwargs)
     if use_deepspeed:
         import deepspeed
-        return deepspeed.checkpointing.checkpoint(_with_tracker_replay(run), *args)
-    return torch.utils.checkpoint.checkpoint(_with_tracker_replay(run), *args, use_reentrant=False)
+        return deepspeed.checkpointing.checkpoint(_with_tracker_replay(inner), *args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(_with_tracker_replay(inner), *args, use_reentrant=False, **kwargs)
 
 
 def checkpoint_module(module: nn.Module, use_deepspeed: bool = False) -> nn.Module:
-    """Recompute `module`'s forward in backward (in place; positional arguments only)."""
-    module.forward = functools.partial(_checkpointed_forward, module, use_deepspeed=use_deepspeed)
+    """Recompute `module`'s forward in backward (in place). The forward it had is kept and called
+    (with tensor parallelism that is apply_tp's wrapper around the class's forward)."""
+    if not is_checkpointed(module):
+        module.forward = functools.partial(_checkpointed_forward, module.forward, use_deepspeed=use_deepspeed)
     return module
 
 

@@ -46,6 +46,7 @@ switched off there and each rank sends its own part (`deepspeed_pipeline_config`
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
@@ -54,6 +55,7 @@ import torch
 from torch import nn
 
 from megams.config.loader import ConfigError
+from megams.parallel.mappings import scatter_to_sp
 from megams.parallel.partition import Unit, describe, partition, pipeline_units, stage_costs
 
 Scales = Tuple[int, ...]
@@ -73,13 +75,18 @@ class TokenEmbedding(nn.Module):
 
     def forward(self, tokens: torch.Tensor):
         T = tokens.shape[1]
-        if T % self.multiple:  # the pipeline runs training-shaped batches: no padding path
-            raise ValueError(f"pipeline input length {T} is not a multiple of the total shortening {self.multiple}")
+        # sequence parallelism (apply_tp): the embedding reduce-scatters the sequence over the tensor ranks
+        sp_group = self.embed.dims.tp_group if getattr(self.embed, "sequence_parallel", False) else None
+        multiple = self.multiple * (self.embed.dims.tp_size if sp_group is not None else 1)
+        if T % multiple:  # the pipeline runs training-shaped batches: no padding path
+            raise ValueError(f"pipeline input length {T} is not a multiple of {multiple} (the total shortening"
+                             + (" x the tensor-parallel size, sequence parallelism)" if sp_group is not None else ")"))
         x = self.embed(tokens)
         if self.pos_embed is not None:
             if T > self.pos_embed.num_embeddings:
                 raise ValueError(f"input length {T} exceeds model.max_seq_len={self.pos_embed.num_embeddings}")
-            x = x + self.pos_embed(torch.arange(T, device=tokens.device))
+            pos = self.pos_embed(torch.arange(T, device=tokens.device))[None]
+            x = x + (scatter_to_sp(pos, sp_group, 1) if sp_group is not None else pos)
         return (self.drop(x) if self.drop is not None else x,)
 
 
@@ -268,6 +275,37 @@ def plan_pipeline(model, cfg, stages: int, bytes_per_element: int = 4) -> Pipeli
                         unit_bounds, layer_bounds)
 
 
+class LocalStage(nn.Module):
+    """Layers [start, stop) of a plan run in THIS process, with the boundary packing of a pipeline
+    stage: input packed (unless it starts at layer 0), output packed (unless it ends the model).
+    What one stage computes, without DeepSpeed (tests, per-stage timing). `tied` shares the tied
+    modules between LocalStages of one process, as DeepSpeed shares them within a stage."""
+
+    def __init__(self, plan: PipelinePlan, start: int, stop: int, factors: Sequence[int], tied: Optional[dict] = None):
+        super().__init__()
+        from deepspeed.pipe import TiedLayerSpec
+        self.layers, self.calls = nn.ModuleList(), []
+        tied = {} if tied is None else tied
+        for spec in plan.specs[start:stop]:
+            if isinstance(spec, TiedLayerSpec):
+                module = tied.setdefault(spec.key, spec.build())
+                call = module if spec.forward_fn is None else functools.partial(spec.forward_fn, module)
+            else:
+                module = call = spec.build()
+            self.layers.append(module)
+            self.calls.append(call)
+        self.input_scales = plan.scales[start - 1] if start > 0 else None
+        self.output_scales = plan.scales[stop - 1] if stop < len(plan.specs) else None
+        self.factors = list(factors)
+
+    def forward(self, x):
+        if self.input_scales is not None:
+            x = unpack(x, self.input_scales, self.factors)
+        for call in self.calls:
+            x = call(x)
+        return pack(x) if self.output_scales is not None else x
+
+
 def deepspeed_pipeline_config(cfg) -> dict:
     """The `pipeline` section of the DeepSpeed config (see the module docstring on partitioning)."""
     partitioned = cfg.parallel.tensor > 1 and not cfg.parallel.sequence_parallel
@@ -314,8 +352,12 @@ def build_pipeline(model, dims, cfg, loss_fn, *, micro_batches: Optional[int] = 
     plan = plan_pipeline(model, cfg, dims.pp_size, bpe)
     if verbose and dims.rank == 0:
         print(partition_report(plan, cfg, dims, micro_batches), flush=True)
-    factors = cfg.model.shorten_factors if cfg.model.type in ("bottom_up", "top_down") else []
-    return _pipeline_module_class()(plan, dims.topology(), loss_fn, factors)
+    return _pipeline_module_class()(plan, dims.topology(), loss_fn, model_factors(cfg.model))
+
+
+def model_factors(model_cfg) -> List[int]:
+    """The shortening factors that set the scales' lengths (none for single-scale models)."""
+    return list(model_cfg.shorten_factors) if model_cfg.type in ("bottom_up", "top_down") else []
 
 
 def model_state_bytes_per_param(cfg, dp: int) -> float:

@@ -139,6 +139,8 @@ class Trainer:
         if layout.tp > 1:
             from megams.parallel.tensor_parallel import apply_tp
             model, loss_fn = apply_tp(model, layout.dims, self.cfg)
+        from megams.parallel.checkpointing import apply_ac
+        apply_ac(model, self.cfg, layout.dims)
         return model.to(self.device), loss_fn
 
     # -- the loop -------------------------------------------------------------------------
@@ -157,8 +159,6 @@ class Trainer:
         is_main = layout.rank == 0
         mode = precision_mode(c, self.device)
         gas = c.grad_accum_steps(layout.dp)
-        if layout.pp > 1:
-            raise ConfigError("parallel.pipeline > 1 is not available in this build of megams")
         run_dir = os.path.abspath(c.training.run_dir)
         if is_main:
             os.makedirs(run_dir, exist_ok=True)
@@ -171,7 +171,15 @@ class Trainer:
             torch.manual_seed(c.training.seed + layout.dp_rank)
         model, loss_fn = self._build_model(layout)
         plain_names = {id(p): n for n, p in model.named_parameters()}  # pipeline stages rename parameters
-        engine, _, scheduler = build_engine(c, model, layout.dp, mode, mpu=getattr(layout.dims, "mpu", None))
+        n_params = _param_count(model, layout)
+        self.pipeline = None
+        if layout.pp > 1:  # the model cut into stages, trained by engine.train_batch (1F1B)
+            from megams.training.pipeline_step import PipelineTraining
+            self.pipeline = PipelineTraining(c, layout)
+            engine, scheduler = self.pipeline.build_engine(model, loss_fn, mode)
+            del model  # the other stages' layers can be freed
+        else:
+            engine, _, scheduler = build_engine(c, model, layout.dp, mode, mpu=getattr(layout.dims, "mpu", None))
         from megams.checkpoint.reshard import describe_layout, start_from
         recorded = describe_layout(engine, c, layout, plain_names)  # how parameters are split: megams.json
         train = GlobalBatches(data.train, c.data.seq_len, c.training.global_batch_size, c.training.micro_batch_size,
@@ -206,7 +214,7 @@ class Trainer:
         progress = Progress(c.training.max_steps, step, enabled=is_main and c.logging.progress_bar)
         preempt = _preemption_handler()
         if is_main:
-            progress.write(f"[megams] {c.model.type}: {_param_count(model, layout):,} params, "
+            progress.write(f"[megams] {c.model.type}: {n_params:,} params, "
                            f"dp={layout.dp} tp={layout.tp} pp={layout.pp} zero={c.parallel.zero_stage} "
                            f"precision={mode} grad_accum={gas} run_dir={run_dir}")
 
@@ -217,25 +225,28 @@ class Trainer:
                     "tokenizer": data.tokenizer.fingerprint, "parameters": recorded}
 
         last_ckpt = latest
-        own_norm = c.parallel.zero_stage == 0 and mode in ("fp32", "autocast_bf16")
+        own_norm = c.parallel.zero_stage == 0 and mode in ("fp32", "autocast_bf16") and self.pipeline is None
         gnorm = None
         engine.train()
         while step < c.training.max_steps:
             t0 = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            for inputs, targets in train.micro_batches(step):
-                inputs, targets = inputs.to(self.device), targets.to(self.device)
-                with autocast:
-                    logits = engine(inputs)
-                loss = loss_fn(logits, targets)
-                engine.backward(loss)
-                if own_norm and engine.is_gradient_accumulation_boundary():
-                    gnorm = _grad_norm(engine)  # DeepSpeed's ZeRO-0 fp32 path does not report it
-                engine.step()
-                loss_sum += loss.detach().double().cpu()
+            if self.pipeline is not None:
+                loss_val = self.pipeline.train_step(engine, train.micro_batches(step), autocast, self.device)
+            else:
+                loss_sum = torch.zeros((), dtype=torch.float64)
+                for inputs, targets in train.micro_batches(step):
+                    inputs, targets = inputs.to(self.device), targets.to(self.device)
+                    with autocast:
+                        logits = engine(inputs)
+                    loss = loss_fn(logits, targets)
+                    engine.backward(loss)
+                    if own_norm and engine.is_gradient_accumulation_boundary():
+                        gnorm = _grad_norm(engine)  # DeepSpeed's ZeRO-0 fp32 path does not report it
+                    engine.step()
+                    loss_sum += loss.detach().double().cpu()
+                loss_val = _dp_mean(loss_sum / gas, layout)  # mean over the global batch
             step += 1
-            loss_val = _dp_mean(loss_sum / gas, layout)  # mean over the global batch
             dt = time.perf_counter() - t0
             if not own_norm:
                 gnorm = engine.get_global_grad_norm()
@@ -286,15 +297,18 @@ class Trainer:
         ev = eval_batches(data.valid, c.training.eval_batches, c.training.global_batch_size,
                           layout.dp_rank, layout.dp)  # global batch size: the same tokens for any layout
         batches, bytes_per_token = ev.batches, ev.bytes_per_token
-        with torch.no_grad():
-            for inputs, targets in batches:
-                with autocast:
-                    logits = engine(inputs.to(self.device))
-                loss = loss_fn(logits, targets.to(self.device))
-                total += torch.tensor([loss.item() * targets.numel(), targets.numel()], dtype=torch.float64)
-        dist.all_reduce(total, group=_dp_group(layout))
+        if self.pipeline is not None:  # already averaged over the data ranks (equal-sized batches)
+            val_loss = self.pipeline.evaluate(engine, batches, autocast, self.device)
+        else:
+            with torch.no_grad():
+                for inputs, targets in batches:
+                    with autocast:
+                        logits = engine(inputs.to(self.device))
+                    loss = loss_fn(logits, targets.to(self.device))
+                    total += torch.tensor([loss.item() * targets.numel(), targets.numel()], dtype=torch.float64)
+            dist.all_reduce(total, group=_dp_group(layout))
+            val_loss = (total[0] / total[1]).item()
         engine.train()
-        val_loss = (total[0] / total[1]).item()
         rec = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
                "val_bpb": val_loss / math.log(2) / bytes_per_token}
         self.last_eval = rec

@@ -1,0 +1,282 @@
+"""Pipeline and memory measurements (tools/benchmark_pipeline.py, tools/benchmark_memory.py).
+
+Each measured layout runs in fresh local ranks (gloo on CPU, one thread each unless told
+otherwise) started by `spawn_ranks`; a worker returns a dict per rank.
+
+- `stage_balance`: a pipeline trained for a few steps on random tokens, each rank's per-step
+  time in DeepSpeed's ForwardPass + BackwardPass instructions (its compute) from `StageTimer`,
+  beside the cost model's predicted share; `isolated_stage_times` times the same stages one
+  after another in one process (no other stage competing for the cores).
+- `bubble`: the idle fraction of every stage, 1 - (forward + backward time) / (time from the
+  start of the step to the end of its last backward pass), against (p - 1) / (m + p - 1).
+- `memory`: peak resident memory of every rank of a data-parallel run with a given activation
+  checkpointing mode and ZeRO stage (VmHWM reset just before the model is built, read after
+  the timed steps).
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+MiB = 2 ** 20
+
+
+# --- local ranks ----------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world, port, threads, fn, args, queue):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import warnings
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(threads)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        out = fn(rank, world, *args)
+        dist.barrier()
+        queue.put((rank, "ok", out))
+        dist.destroy_process_group()
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        import traceback
+        queue.put((rank, "error", f"{e}\n{traceback.format_exc()}"))
+        os._exit(1)
+
+
+def spawn_ranks(world: int, fn: Callable, args: tuple = (), threads: int = 1, timeout: float = 1800) -> List:
+    """Run `fn(rank, world, *args)` in `world` fresh processes (torch.distributed initialised, gloo,
+    loopback); returns the per-rank results. `fn` must be importable (module level)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, threads, fn, args, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results, errors = {}, []
+    try:
+        for _ in procs:
+            rank, status, payload = queue.get(timeout=timeout)
+            if status == "error":
+                errors.append(f"rank {rank}: {payload}")
+                break
+            results[rank] = payload
+    finally:
+        for p in procs:
+            p.join(timeout=5 if errors else None)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [results[r] for r in range(world)]
+
+
+# --- peak memory ----------------------------------------------------------------------------------
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def reset_peak_rss() -> int:
+    """Reset the peak resident set size (VmHWM) to the current one; returns the current one."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status("VmRSS")
+
+
+def peak_rss() -> int:
+    return _status("VmHWM")
+
+
+# --- building and feeding ---------------------------------------------------------------------------
+def _random_batches(cfg, n: int, seed: int = 0):
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    mb, T, V = cfg.training.micro_batch_size, cfg.data.seq_len, cfg.model.vocab_size
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, V, (mb, T + 1), generator=g)
+        out.append((ids[:, :-1], ids[:, 1:]))
+    return out
+
+
+def _layout(cfg):
+    from megams.parallel.dims import build_parallel_dims
+    from megams.training.trainer import Layout
+    import torch.distributed as dist
+    dims = build_parallel_dims(cfg)
+    return Layout(dist.get_world_size(), dist.get_rank(), dims.dp_size, dims.dp_rank, dims.tp_size, dims.pp_size,
+                  dims)
+
+
+def _plain_model(cfg, layout):
+    from megams.models import build_model
+    from megams.parallel.checkpointing import apply_ac
+    from megams.training.loss import lm_loss
+    model, loss_fn = build_model(cfg.model, seed=0), lm_loss
+    if layout.tp > 1:
+        from megams.parallel.tensor_parallel import apply_tp
+        model, loss_fn = apply_tp(model, layout.dims, cfg)
+    apply_ac(model, cfg, layout.dims)
+    return model, loss_fn
+
+
+# --- pipeline: per-stage compute and bubble ---------------------------------------------------------
+def pipeline_worker(rank, world, cfg, steps: int, warmup: int = 1) -> dict:
+    """Train `cfg` (parallel.pipeline = world) for warmup + steps on random tokens; per-step
+    instruction times of this rank (the timed steps)."""
+    from megams.training.engine import precision_mode
+    from megams.training.pipeline_step import PipelineTraining, StageTimer
+    layout = _layout(cfg)
+    model, loss_fn = _plain_model(cfg, layout)
+    pipe = PipelineTraining(cfg, layout)
+    engine, _ = pipe.build_engine(model, loss_fn, precision_mode(cfg, "cpu"))
+    del model
+    timer = StageTimer(engine)
+    batches = _random_batches(cfg, pipe.micro_batches)
+    for _ in range(warmup + steps):
+        pipe.train_step(engine, batches)
+    timed = timer.steps[warmup:]
+    compute = [s.get("ForwardPass", 0.0) + s.get("BackwardPass", 0.0) for s in timed]
+    return {"stage": layout.dims.pp_rank, "compute_s": statistics.median(compute),
+            "forward_s": statistics.median(s.get("ForwardPass", 0.0) for s in timed),
+            "backward_s": statistics.median(s.get("BackwardPass", 0.0) for s in timed),
+            "window_s": statistics.median(s["window"] for s in timed),
+            "total_s": statistics.median(s["total"] for s in timed),
+            "idle_fraction": statistics.median(1 - c / s["window"] for c, s in zip(compute, timed))}
+
+
+def isolated_stage_times(cfg, repeats: int = 3) -> List[float]:
+    """Forward + backward time of each stage's layers for one micro-batch, the stages run one after
+    another in THIS process (no competition for the cores): the balance without the pipeline."""
+    import torch
+    from megams.models import build_model
+    from megams.parallel.checkpointing import apply_ac
+    from megams.parallel.pipeline import LocalStage, model_factors, plan_pipeline
+    from megams.training.loss import lm_loss
+    model = build_model(cfg.model, seed=0)
+    apply_ac(model, cfg)
+    plan = plan_pipeline(model, cfg, cfg.parallel.pipeline)
+    tied: dict = {}
+    b = plan.layer_bounds
+    stages = [LocalStage(plan, b[s], b[s + 1], model_factors(cfg.model), tied) for s in range(len(b) - 1)]
+    (x, y), = _random_batches(cfg, 1)
+    inputs, times = [x], []
+    with torch.no_grad():  # every stage's input, as the previous stage sends it
+        for st in stages[:-1]:
+            inputs.append(st(inputs[-1]))
+    for st, inp in zip(stages, inputs):
+        best = float("inf")
+        for _ in range(repeats + 1):
+            leaf = inp.detach().requires_grad_() if inp.is_floating_point() else inp
+            t0 = time.perf_counter()
+            out = st(leaf)
+            if st.output_scales is None:  # the last stage: logits -> loss
+                lm_loss(out, y).backward()
+            else:
+                out.backward(torch.ones_like(out))
+            best = min(best, time.perf_counter() - t0)
+            st.zero_grad(set_to_none=True)
+        times.append(best)
+    return times
+
+
+def predicted_shares(cfg) -> List[float]:
+    from megams.models import build_model
+    from megams.parallel.pipeline import plan_pipeline
+    plan = plan_pipeline(build_model(cfg.model, device="meta"), cfg, cfg.parallel.pipeline)
+    b = plan.unit_bounds
+    f = [sum(u.flops for u in plan.units[b[s]:b[s + 1]]) for s in range(len(b) - 1)]
+    return [x / sum(f) for x in f]
+
+
+def scale_layout(cfg, stages: int) -> List[int]:
+    """An explicit layout (units per stage) that gives the coarse scales their own stage(s): the
+    units split into regions [scale 0 up to the first shortening | scale 1 | .. | scale S | the
+    rest at full resolution]; with fewer stages than regions the coarse regions are merged."""
+    from megams.parallel.partition import pipeline_units
+    units = pipeline_units(cfg.model, cfg.data.seq_len)
+    regions: List[List] = [[]]
+    for u in units:
+        if u.kind == "shorten" or (u.kind in ("aggregate", "upsample") and regions[-1] and regions[-1][-1].scale > 0):
+            regions.append([])
+        regions[-1].append(u)
+    sizes = [len(r) for r in regions]
+    while len(sizes) > stages:  # merge the two smallest coarse neighbours (never the first or the last)
+        i = min(range(1, len(sizes) - 2), key=lambda j: sizes[j] + sizes[j + 1]) if len(sizes) > 3 else 0
+        sizes[i:i + 2] = [sizes[i] + sizes[i + 1]]
+    if len(sizes) < stages:
+        raise ValueError(f"{len(sizes)} scale regions cannot fill {stages} stages")
+    return sizes
+
+
+def stage_names(cfg) -> List[str]:
+    from megams.models import build_model
+    from megams.parallel.pipeline import plan_pipeline
+    plan = plan_pipeline(build_model(cfg.model, device="meta"), cfg, cfg.parallel.pipeline)
+    b = plan.unit_bounds
+    out = []
+    for s in range(len(b) - 1):
+        us = plan.units[b[s]:b[s + 1]]
+        out.append(f"{us[0].name}..{us[-1].name} (scales {sorted({u.scale for u in us})})")
+    return out
+
+
+# --- memory ---------------------------------------------------------------------------------------
+def memory_worker(rank, world, cfg, steps: int = 3) -> dict:
+    """Peak RSS of this rank training `cfg` (no pipeline) for `steps` steps on random tokens."""
+    import torch
+    from megams.training.engine import build_engine, precision_mode
+    layout = _layout(cfg)
+    mode = precision_mode(cfg, "cpu")
+    base = reset_peak_rss()
+    model, loss_fn = _plain_model(cfg, layout)
+    engine, _, _ = build_engine(cfg, model, layout.dp, mode, mpu=layout.dims.mpu if layout.dims else None)
+    built = _status("VmRSS")
+    batches = _random_batches(cfg, cfg.grad_accum_steps(layout.dp), seed=rank)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "autocast_bf16" else None
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        for x, y in batches:
+            if autocast is not None:
+                with autocast:
+                    logits = engine(x)
+            else:
+                logits = engine(x)
+            engine.backward(loss_fn(logits, y))
+            engine.step()
+    step_s = (time.perf_counter() - t0) / steps
+    return {"rank": rank, "baseline": base, "after_build": built, "peak": peak_rss(), "step_s": step_s}
+
+
+def fmt_mib(v: float) -> str:
+    return f"{v / MiB:.0f}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def machine_line() -> str:
+    import platform
+    import torch
+    return (f"{platform.node() or 'host'}: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"torch {torch.__version__}")
+
+
+def optional(v: Optional[float], f: str = "{:.3f}") -> str:
+    return "-" if v is None else f.format(v)
+
+
+Result = Dict[str, float]
