@@ -24,6 +24,7 @@ from typing import Callable, Iterable, List
 import torch
 
 from megams.config.schema import ModelConfig
+from megams.models.retina_attention import mean_visible_keys, retina_plan
 
 _BLOCK_D = 8  # saved elements per position per block, in units of d (norm inputs, q/k/v, attention output)
 
@@ -73,7 +74,6 @@ def _block(cfg: ModelConfig, L: int, key_pairs: float, extra_flops: float = 0.0,
 
 
 def _retina_block(cfg: ModelConfig, L: int) -> tuple[float, float]:
-    from megams.models.retina_attention import mean_visible_keys, retina_plan
     last_all = cfg.retina_last_window == "all"
     pairs = mean_visible_keys(cfg.retina_factors, cfg.retina_windows, last_all, L) * L
     pooled = sum(math.ceil(L / K) for K in cfg.retina_factors)
