@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     common(th, corpus=False)
     th.add_argument("--seq-len", type=int, default=256)
     th.add_argument("--batch", type=int, default=4)
-    th.add_argument("--steps", type=int, default=6, help="timed steps per configuration (after warm-up)")
+    th.add_argument("--steps", type=int, default=4, help="timed steps per configuration (after warm-up)")
     th.add_argument("--quick", action="store_true", help="d256 only, no compile / checkpointing variants")
 
     pe = sub.add_parser("peers", help="megams vs HF GPT-2 and hourglass-transformer-pytorch")

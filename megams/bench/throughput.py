@@ -37,8 +37,8 @@ def model_for(kind: str, d: int, heads: int, L: int) -> dict:
 
 def default_grid(sizes=("d256", "d512"), models=("vanilla", "bottom_up", "top_down", "retina"),
                  big="d768", options_size="d512") -> List[dict]:
-    """Every model x size x precision eagerly; compile / checkpointing variants for vanilla and
-    bottom-up at `options_size`; vanilla alone at `big`."""
+    """Every model x size x precision eagerly; vanilla alone at `big`; at `options_size`
+    torch.compile and activation checkpointing for vanilla (both precisions) and bottom-up (bf16)."""
     grid = []
     for s in sizes:
         for m in models:
@@ -48,14 +48,14 @@ def default_grid(sizes=("d256", "d512"), models=("vanilla", "bottom_up", "top_do
         for p in ("fp32", "bf16"):
             grid.append({"model": "vanilla", "size": big, "precision": p, "compile": False, "ac": False})
     if options_size:
-        for m in ("vanilla", "bottom_up"):
-            for p in ("fp32", "bf16"):
-                for comp, ac in ((True, False), (False, True), (True, True)):
+        for m, precisions in (("vanilla", ("fp32", "bf16")), ("bottom_up", ("bf16",))):
+            for p in precisions:
+                for comp, ac in ((True, False), (False, True)):
                     grid.append({"model": m, "size": options_size, "precision": p, "compile": comp, "ac": ac})
     return grid
 
 
-def run(out_dir: str, grid: Optional[List[dict]] = None, seq_len: int = 256, batch: int = 4, steps: int = 6,
+def run(out_dir: str, grid: Optional[List[dict]] = None, seq_len: int = 256, batch: int = 4, steps: int = 4,
         threads: int = 2, peak_n: int = 2048, peak_seconds: float = 1.5, sizes: Optional[Dict] = None,
         log=print) -> dict:
     torch.set_num_threads(threads)
@@ -65,8 +65,10 @@ def run(out_dir: str, grid: Optional[List[dict]] = None, seq_len: int = 256, bat
     peaks = {"fp32": measure_matmul_flops(torch.float32, peak_n, seconds=peak_seconds),
              "bf16": measure_matmul_flops(torch.bfloat16, peak_n, seconds=peak_seconds)}
     log(f"[throughput] measured matmul peak ({peak_n}^3, {threads} threads): fp32 {peaks['fp32'] / 1e9:.0f} "
-        f"GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+        f"GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s (re-measured before every row and at the end; MFU uses "
+        "the best)")
     rows = []
+    peaks_start = dict(peaks)
     for g in grid:
         d, h, L = sizes[g["size"]]
         label = f"{g['model']} {g['size']}"
@@ -74,25 +76,35 @@ def run(out_dir: str, grid: Optional[List[dict]] = None, seq_len: int = 256, bat
                 "steps": steps + (3 if g["compile"] else 2), "timed_skip": 3 if g["compile"] else 2,
                 "precision": g["precision"], "compile": g["compile"], "ac": g["ac"], "threads": threads,
                 "measure_activations": False, "data_path": None}
+        # a shared machine only ever makes a measured peak too low: re-measure and keep the best
+        dt = torch.float32 if g["precision"] == "fp32" else torch.bfloat16
+        peaks[g["precision"]] = max(peaks[g["precision"]], measure_matmul_flops(dt, peak_n, seconds=peak_seconds / 3))
         t0 = time.time()
         if g["compile"]:
             torch._dynamo.reset()
         r = run_spec(spec)
         r.update(g)
         r.pop("loss_curve", None)
-        r["mfu"] = r["tflops"] * 1e12 / peaks[g["precision"]]
         r["wall_s"] = time.time() - t0
         rows.append(r)
         log(f"[throughput] {label} {g['precision']} compile={g['compile']} ac={g['ac']}: "
-            f"{r['tokens_per_s']:.0f} tok/s, {r['tflops'] * 1e3:.1f} GFLOP/s, MFU {r['mfu']:.1%} ({r['wall_s']:.0f} s)")
+            f"{r['tokens_per_s']:.0f} tok/s, {r['tflops'] * 1e3:.1f} GFLOP/s, "
+            f"MFU {r['tflops'] * 1e12 / peaks[g['precision']]:.1%} of the best peak so far ({r['wall_s']:.0f} s)")
+    peaks_end = {"fp32": measure_matmul_flops(torch.float32, peak_n, seconds=peak_seconds),
+                 "bf16": measure_matmul_flops(torch.bfloat16, peak_n, seconds=peak_seconds)}
+    peaks = {k: max(peaks[k], peaks_end[k]) for k in peaks}
+    for r in rows:
+        r["mfu"] = r["tflops"] * 1e12 / peaks[r["precision"]]
     cols = [("model", lambda r: r["model"]), ("size", lambda r: r["size"]), ("params", lambda r: r["params"]),
             ("precision", lambda r: r["precision"]), ("compile", lambda r: r["compile"]), ("act. ckpt", lambda r: r["ac"]),
             ("tokens/s", lambda r: r["tokens_per_s"]), ("GFLOP/s", lambda r: r["tflops"] * 1e3),
             ("MFU", lambda r: f"{r['mfu']:.1%}")]
-    text = (f"Measured matmul peak ({peak_n}x{peak_n}x{peak_n}, {threads} threads): fp32 "
-            f"{peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s\n\n" + report.table(rows, cols))
+    text = (f"Measured matmul peak ({peak_n}x{peak_n}x{peak_n}, {threads} threads, best of {len(rows) + 2} "
+            f"measurements in this run): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} "
+            "GFLOP/s\n\n" + report.table(rows, cols))
     setting = {"seq_len": seq_len, "batch": batch, "timed_steps": steps, "threads": threads, "sizes": sizes}
     payload = {"study": "throughput", "machine": report.machine(), "setting": setting, "peak_flops": peaks,
+               "peak_flops_start": peaks_start, "peak_flops_end": peaks_end,
                "rows": rows, "wall_s": time.time() - t_all}
     report.write_outputs(out_dir, "throughput", payload, text)
     plot(rows, f"{out_dir}/throughput.png")

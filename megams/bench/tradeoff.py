@@ -3,9 +3,8 @@
 Models (width d, heads h, vanilla depth L):
   vanilla-L, vanilla-L/2                           the baselines
   bottom-up naive       2L layers: 1 + (L - 2) @ n/4 + L @ n/16 + 1, avg pooling, sum, repeat
-  bottom-up (tuned)     2L layers, 3 at full resolution after the coarse stack: 0 + (2L - 3) @ n/16 + 3,
-                        and 0 + 3 @ n/8 + (2L - 6) @ n/32 + 3; linear pooling, sum aggregation, linear
-                        upsampling (see docs/RESULTS.md for the probes that chose them)
+  bottom-up (tuned)     2L layers: 0 + (2L - 3) @ n/16 + 3 (one coarse scale, 3 full-resolution layers
+                        after it); linear pooling, sum aggregation, linear upsampling (docs/RESULTS.md)
   top-down              2L layers: n_0 = L/4, n_1 = 3L/8, the rest at n/16, linear pooling
   retina                L/2 full-resolution layers, windows (16, 4, 4) over pools (4, 16)
 Each model trains in a fresh process (its own peak RSS) on the same batches.
@@ -21,9 +20,9 @@ from megams.bench.runner import run_fresh
 
 
 def default_models(d: int, heads: int, L: int) -> Dict[str, dict]:
-    """The study's models at width d: two vanilla baselines, the naive bottom-up, two tuned
-    bottom-ups (3 full-resolution layers, linear pooling / upsampling, sum aggregation; found by
-    the probes in docs/RESULTS.md), top-down and retina."""
+    """The study's models at width d: two vanilla baselines, the naive bottom-up, the tuned
+    bottom-up (one coarse scale at n/16, 3 full-resolution layers after it, linear pooling and
+    upsampling, sum aggregation; chosen by the probes in docs/RESULTS.md), top-down and retina."""
     c = {"d_model": d, "n_heads": heads}
     lin = {"type": "bottom_up", "pooling": "linear", "aggregation": "sum", "upsampling": "linear", **c}
     td0, td1 = max(1, L // 4), max(1, 3 * L // 8)
@@ -36,8 +35,6 @@ def default_models(d: int, heads: int, L: int) -> Dict[str, dict]:
             "pooling": "avg", "aggregation": "sum", "upsampling": "repeat", **c},
         f"bottom-up-{n} 0+{n - 3}@16+3": {**lin, "shorten_factors": [16], "layers_per_scale": [0, n - 3],
                                          "n_post": 3},
-        f"bottom-up-{n} 0+3@8+{n - 6}@32+3": {**lin, "shorten_factors": [8, 4], "layers_per_scale": [0, 3, n - 6],
-                                             "n_post": 3},
         f"top-down-{n}": {"type": "top_down", "shorten_factors": [4, 4], **c,
                           "layers_per_scale": [td0, td1, n - td0 - td1], "pooling": "linear"},
         f"retina-{L // 2}": {"type": "retina", "n_layers": L // 2, "retina_factors": [4, 16],

@@ -130,7 +130,8 @@ class ColumnParallelLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features} "
                 f"({self.weight.size(0)} on this rank), bias={self.bias is not None}, "
-                f"gather_output={self.gather_output}, sequence_parallel={self.sequence_parallel}")
+                f"gather_output={self.gather_output}, sequence_parallel={self.sequence_parallel}"
+                + (", input_in_region=True" if self.input_in_region else ""))
 
 
 class RowParallelLinear(nn.Module):
@@ -200,7 +201,8 @@ class RowParallelLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features} ({self.weight.size(1)} on this rank), "
                 f"out_features={self.out_features}, bias={self.bias is not None}, "
-                f"input_is_parallel={self.input_is_parallel}, sequence_parallel={self.sequence_parallel}")
+                f"input_is_parallel={self.input_is_parallel}, sequence_parallel={self.sequence_parallel}"
+                + ("" if self.reduce_output else ", reduce_output=False"))
 
 
 class VocabParallelEmbedding(nn.Module):

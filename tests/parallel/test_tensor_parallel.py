@@ -183,3 +183,39 @@ def _nccl_case(rank, world_size, cases):
                     reason=f"needs {TP} CUDA devices (NCCL refuses two ranks on one GPU)")
 def test_every_model_matches_one_process_nccl():
     _check(run_ranks(TP, [(_nccl_case, (model_cases(),))], timeout=600, backend="nccl")[0])
+
+
+# in-process ------------------------------------------------------------------------------------------------
+def test_one_rank_is_the_plain_model():
+    """tp=1 without torch.distributed: groups of one, padded vocabulary, same loss and gradients."""
+    mcfg = tiny("bottom_up", vocab_size=V, pooling="attention", upsampling="linear")
+    cfg = Config(model=mcfg, data={"seq_len": 32})
+    inputs, targets = _tokens(B, 32, seed=0)
+    ref = build_model(mcfg, seed=0)
+    ref_loss = F.cross_entropy(ref(inputs).reshape(-1, V), targets.reshape(-1))
+    ref_loss.backward()
+    model, loss_fn = apply_tp(build_model(mcfg, seed=0), ParallelDims(1), cfg)
+    logits = model(inputs)
+    assert logits.shape == (B, 32, 384)
+    loss = loss_fn(logits, targets)
+    loss.backward()
+    assert loss.item() == pytest.approx(ref_loss.item(), abs=1e-6)
+    ratio, worst = _compare(full_grads(model), {n: p.grad for n, p in ref.named_parameters()})
+    assert ratio <= 1.0, worst
+    assert parameter_count(model) == sum(p.numel() for p in ref.parameters())
+
+
+def test_layer_flags_refuse_contradictions():
+    from megams.parallel.layers import ColumnParallelLinear, RowParallelLinear
+    dims = ParallelDims(1)
+    with pytest.raises(ValueError, match="input_in_region and sequence_parallel"):
+        ColumnParallelLinear(4, 4, dims, input_in_region=True, sequence_parallel=True)
+    with pytest.raises(ValueError, match="reduce_output=False"):
+        RowParallelLinear(4, 4, dims, bias=True, reduce_output=False)
+
+
+def test_model_that_does_not_split_is_refused():
+    from megams.config.loader import ConfigError
+    mcfg = tiny("vanilla", vocab_size=V, n_heads=1)
+    with pytest.raises(ConfigError, match="model.n_heads=1 is not divisible by parallel.tensor=2"):
+        apply_tp(build_model(mcfg), ParallelDims(2, tp=2), Config(model=mcfg, data={"seq_len": 32}))

@@ -1,0 +1,55 @@
+"""Cases that run inside `run_ranks` processes for the checkpoint tests (module-level functions)."""
+from __future__ import annotations
+
+import json
+import os
+
+
+def train(rank, world, argv):
+    from megams.training.trainer import main
+    return main(argv)
+
+
+def training_logits(rank, world, ckpt_dir, tokens):
+    """Logits of the TRAINING model: the run's own layout rebuilt as the trainer builds it and
+    restored by DeepSpeed's load_checkpoint (independent of megams.checkpoint's reader), gathered
+    over the tensor ranks (vocabulary padding cropped). Returned by every rank (None off the last
+    pipeline stage)."""
+    import torch
+    import torch.distributed as dist
+
+    from megams.config.loader import config_from_dict
+    from megams.training import checkpoint as ckpt
+    from megams.training.engine import build_engine, precision_mode
+    from megams.training.trainer import Trainer
+
+    with open(os.path.join(ckpt_dir, "megams.json")) as f:
+        cfg = config_from_dict(json.load(f)["config"])
+    trainer = Trainer(cfg)
+    layout = trainer._init_distributed()
+    mode = precision_mode(cfg, "cpu")
+    model, loss_fn = trainer._build_model(layout)
+    if layout.pp > 1:
+        from megams.training.pipeline_step import PipelineTraining
+        engine, _ = PipelineTraining(cfg, layout).build_engine(model, loss_fn, mode)
+    else:
+        engine, _, _ = build_engine(cfg, model, layout.dp, mode, mpu=getattr(layout.dims, "mpu", None))
+    del model
+    ckpt.load(engine, ckpt_dir, load_optimizer=False)
+    engine.eval()
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "autocast_bf16" else torch.no_grad()
+    with torch.no_grad(), ctx:
+        if layout.pp > 1:
+            mb = cfg.training.micro_batch_size
+            chunks = [(tokens[i:i + mb], tokens[i:i + mb]) for i in range(0, tokens.shape[0], mb)]
+            _, logits = engine.eval_batch(iter(chunks), return_logits=True, num_micro_batches=len(chunks))
+            if logits is None:
+                return None
+            logits = torch.cat(logits) if isinstance(logits, (list, tuple)) else logits
+        else:
+            logits = engine(tokens)
+    if layout.tp > 1:
+        parts = [torch.empty_like(logits) for _ in range(layout.tp)]
+        dist.all_gather(parts, logits.contiguous(), group=layout.dims.tp_group)
+        logits = torch.cat(parts, dim=-1)
+    return logits[..., :cfg.model.vocab_size].float()
