@@ -3,6 +3,7 @@
 
     python tools/generate.py exported/x --prompt "def main(" --max-new-tokens 200 --temperature 0.8 --top-k 50 --top-p 0.95 --seed 0
     python tools/generate.py exported/x --benchmark --max-new-tokens 256        # tokens/s, cached vs full recompute
+    python tools/generate.py --config configs/tiny/retina.yaml --benchmark       # a random-init model of a config
 
 Decoding is incremental with a cache for every model type (megams.inference); --no-cache runs the full
 forward over the whole prefix at every step (the reference).
@@ -17,7 +18,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model", help="a model directory written by tools/convert_checkpoint.py")
+    p.add_argument("model", nargs="?", help="a model directory written by tools/convert_checkpoint.py")
+    p.add_argument("--config", default=None,
+                   help="instead of a model directory: a randomly initialised model of this training config "
+                        "(its model section; byte tokenizer) - for benchmarks")
     p.add_argument("--prompt", default="\n", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--num-samples", type=int, default=1, help="continuations sampled together (a batch)")
@@ -42,7 +46,16 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model = load_pretrained(args.model)
+        if (args.model is None) == (args.config is None):
+            raise ValueError("give a model directory or --config (one of them)")
+        if args.config:
+            from megams.config import load_config
+            from megams.data.tokenizers import ByteTokenizer
+            from megams.models import build_model
+            model = build_model(load_config(args.config).model, seed=0).eval()
+            model.tokenizer = ByteTokenizer()
+        else:
+            model = load_pretrained(args.model)
         ids = model.tokenizer.encode(args.prompt)
         if not ids:
             raise ValueError("--prompt encodes to no tokens")
@@ -50,7 +63,7 @@ def main(argv=None) -> int:
         kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                   vocab_limit=model.tokenizer.vocab_size)
         if args.benchmark:
-            result = {"model": os.path.abspath(args.model), "type": model.cfg.type, "prompt_tokens": len(ids),
+            result = {"model": os.path.abspath(args.model or args.config), "type": model.cfg.type, "prompt_tokens": len(ids),
                       "new_tokens": args.max_new_tokens, "batch": args.num_samples, "threads": torch.get_num_threads()}
             for cache in (True, False):
                 stats = {}

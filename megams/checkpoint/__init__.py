@@ -14,9 +14,10 @@
 Nothing here imports deepspeed; `reshard.py` touches a live DeepSpeed engine it is handed.
 """
 from megams.checkpoint.errors import CheckpointError
-from megams.checkpoint.export import export_pretrained
+from megams.checkpoint.export import export_pretrained, save_model, save_pretrained
 from megams.checkpoint.pretrained import is_pretrained_dir, load_pretrained, load_tokenizer, read_config
 from megams.checkpoint.reader import TrainingState, read_checkpoint, resolve_checkpoint
 
 __all__ = ["CheckpointError", "read_checkpoint", "resolve_checkpoint", "TrainingState", "export_pretrained",
+           "save_pretrained", "save_model",
            "load_pretrained", "load_tokenizer", "read_config", "is_pretrained_dir"]

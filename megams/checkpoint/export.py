@@ -1,4 +1,5 @@
-"""Write a plain-torch model directory (see pretrained.py for the layout) from a training checkpoint."""
+"""Write a plain-torch model directory (layout: see pretrained.py): from a training checkpoint
+(`export_pretrained`), from full tensors (`save_pretrained`) or from a plain model (`save_model`)."""
 from __future__ import annotations
 
 import json
@@ -57,30 +58,39 @@ def _validation(ckpt: str, step: int) -> Optional[dict]:
 
 
 def _readme(info: dict, weights: str) -> str:
-    lay = info["source"]["layout"]
+    src = info.get("source")
+    if src:
+        lay = src["layout"]
+        origin = (f"Exported by `tools/convert_checkpoint.py` from `{src['checkpoint']}`\n(training step "
+                  f"{src['step']}; layout dp={lay['dp']} tp={lay.get('tp', 1)} pp={lay.get('pp', 1)} "
+                  f"zero_stage={lay['zero_stage']} precision={lay['precision']}).")
+    else:
+        origin = "Saved with `megams.checkpoint.save_pretrained`."
     val = info.get("validation")
+    if val:
+        origin += f"\nValidation loss at that step: {val['val_loss']:.4f}."
     return f"""# megams {info['model']['type']} language model (plain torch)
 
-Exported by `tools/convert_checkpoint.py` from `{info['source']['checkpoint']}` (training step
-{info['source']['step']}; layout dp={lay['dp']} tp={lay.get('tp', 1)} pp={lay.get('pp', 1)}
-zero_stage={lay['zero_stage']} precision={lay['precision']}).
-{f"Validation loss at that step: {val['val_loss']:.4f}." if val else ""}
+{origin}
 
-- `{CONFIG_FILE}`: the model config; `{weights}`: {info['weights']['dtype']} weights, {info['weights']['parameters']:,}
-  parameters (tied weights stored once); `{TOKENIZER_FILE}`: the tokenizer ({info['tokenizer']}).
+- `{CONFIG_FILE}`: the model config
+- `{weights}`: {info['weights']['dtype']} weights, {info['weights']['parameters']:,} parameters (tied weights once)
+- `{TOKENIZER_FILE}`: the tokenizer ({info['tokenizer']}); `{EXPORT_FILE}`: where this came from
 
 ```python
-from megams import load_pretrained          # torch only, no deepspeed
-model = load_pretrained("{os.path.basename(info['output'])}")
-logits = model(tokens)                      # tokens: LongTensor [B, T]
+from megams import load_pretrained          # torch + safetensors only, never deepspeed
+model = load_pretrained("{os.path.basename(info['output'])}")   # eval mode; model.tokenizer
+logits = model(tokens)                      # tokens: LongTensor [B, T] -> [B, T, vocab]
 ```
-Evaluate with `tools/evaluate.py`, sample with `tools/generate.py`.
+Evaluate with `tools/evaluate.py`, sample with `tools/generate.py` (see docs/CHECKPOINTS.md).
 """
 
 
-def export_pretrained(state: TrainingState, output_dir: str, weights: str = "safetensors", dtype: str = "fp32",
-                      tokenizer: Optional[str] = None) -> List[str]:
-    """Write `output_dir` (must not exist, or be empty) atomically. Returns the files written."""
+def save_pretrained(params: Dict[str, torch.Tensor], model_config: dict, output_dir: str, weights: str = "safetensors",
+                    dtype: str = "fp32", tokenizer: str = "byte", fingerprint: Optional[str] = None,
+                    info: Optional[dict] = None) -> List[str]:
+    """Write a model directory (must not exist, or be empty) atomically from full plain tensors
+    (tied aliases once). Returns the files written."""
     if weights not in ("safetensors", "pt"):
         raise CheckpointError(f"weights format {weights!r}: expected safetensors or pt")
     if dtype not in DTYPES:
@@ -88,13 +98,12 @@ def export_pretrained(state: TrainingState, output_dir: str, weights: str = "saf
     output_dir = os.path.abspath(output_dir)
     if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
         raise CheckpointError(f"{output_dir}: already exists and is not empty (choose a new output directory)")
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
+    os.makedirs(os.path.dirname(output_dir), exist_ok=True)
     tmp = f"{output_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        tensors: Dict[str, torch.Tensor] = {n: t.to(DTYPES[dtype]).contiguous() for n, t in state.params.items()}
+        tensors = {n: t.detach().to("cpu", DTYPES[dtype]).contiguous() for n, t in params.items()}
         name = "model.safetensors" if weights == "safetensors" else "model.pt"
         if weights == "safetensors":
             from safetensors.torch import save_file
@@ -102,18 +111,12 @@ def export_pretrained(state: TrainingState, output_dir: str, weights: str = "saf
         else:
             torch.save(tensors, os.path.join(tmp, name))
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump(state.model_config, f, indent=1)
-        spec = tokenizer or state.meta["config"]["data"]["tokenizer"]
-        written = [name, CONFIG_FILE] + _tokenizer_files(spec, None if tokenizer else state.meta.get("tokenizer"), tmp)
-        cfg = state.meta["config"]
-        info = {"format": EXPORT_FORMAT, "output": output_dir, "model": state.model_config,
+            json.dump(model_config, f, indent=1)
+        written = [name, CONFIG_FILE] + _tokenizer_files(tokenizer, fingerprint, tmp)
+        info = {"format": EXPORT_FORMAT, "output": output_dir, "model": model_config,
                 "weights": {"file": name, "dtype": dtype, "parameters": sum(t.numel() for t in tensors.values())},
-                "tokenizer": "byte" if spec == "byte" else f"sentencepiece {os.path.basename(spec)}",
-                "source": {"checkpoint": state.path, "step": state.step, "layout": state.layout,
-                           "files": [os.path.basename(p) for p in state.files]},
-                "training": {"data": cfg["data"], "seed": cfg["training"]["seed"],
-                             "precision": cfg["training"]["precision"]},
-                "validation": _validation(state.path, state.step)}
+                "tokenizer": "byte" if tokenizer == "byte" else f"sentencepiece {os.path.basename(tokenizer)}",
+                **(info or {})}
         with open(os.path.join(tmp, EXPORT_FILE), "w") as f:
             json.dump(info, f, indent=1)
         with open(os.path.join(tmp, "README.md"), "w") as f:
@@ -125,3 +128,22 @@ def export_pretrained(state: TrainingState, output_dir: str, weights: str = "saf
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return [os.path.join(output_dir, w) for w in written]
+
+
+def save_model(model: torch.nn.Module, output_dir: str, tokenizer: str = "byte", **kwargs) -> List[str]:
+    """A plain megams model (megams.models) -> a model directory."""
+    return save_pretrained(dict(model.named_parameters()), model.cfg.model_dump(mode="json"), output_dir,
+                           tokenizer=tokenizer, **kwargs)
+
+
+def export_pretrained(state: TrainingState, output_dir: str, weights: str = "safetensors", dtype: str = "fp32",
+                      tokenizer: Optional[str] = None) -> List[str]:
+    """A training checkpoint read by `read_checkpoint` -> a model directory (see pretrained.py)."""
+    cfg = state.meta["config"]
+    spec = tokenizer or cfg["data"]["tokenizer"]
+    info = {"source": {"checkpoint": state.path, "step": state.step, "layout": state.layout,
+                       "files": [os.path.basename(p) for p in state.files]},
+            "training": {"data": cfg["data"], "seed": cfg["training"]["seed"], "precision": cfg["training"]["precision"]},
+            "validation": _validation(state.path, state.step)}
+    return save_pretrained(state.params, state.model_config, output_dir, weights, dtype, spec,
+                           None if tokenizer else state.meta.get("tokenizer"), info)

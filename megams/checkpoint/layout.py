@@ -27,6 +27,7 @@ from typing import Dict, List, Optional
 from torch import nn
 
 LAYOUT_VERSION = 1
+VOCAB_PARAMETERS = ("embed.weight", "head.weight")  # [vocab, d]: padded for tensor parallelism
 
 
 def tied_parameters(model: nn.Module) -> Dict[str, str]:
@@ -103,7 +104,7 @@ def universal_checkpoint_info(record: dict, vocab_size: int, version: float) -> 
     (padded) vocabulary, and which pipeline-replicated (tied) ones to take once."""
     replicated, row, vocab, tied_pp = set(), set(), set(), set()
     padded = vocab_size
-    plain_vocab = {n for n, s in record["plain"].items() if s and s[0] == vocab_size}
+    plain_vocab = set(VOCAB_PARAMETERS)
     for r in record["mp_ranks"]:
         for name, plain_name, shape, dim, _ in r["params"]:
             pattern = "^" + re.escape(name) + "$"

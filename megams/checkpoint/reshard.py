@@ -70,8 +70,8 @@ def _source_state(source: str):
 def _check_model(source_model: dict, cfg, source: str) -> None:
     from megams.config import dump_config
     mine = dump_config(cfg)["model"]
-    diff = [k for k in sorted(set(mine) | set(source_model))
-            if k not in FREE_MODEL_FIELDS and mine.get(k) != source_model.get(k)]
+    keys = sorted(set(mine) | set(source_model), key=lambda k: (k != "type", k))  # the type first
+    diff = [k for k in keys if k not in FREE_MODEL_FIELDS and mine.get(k) != source_model.get(k)]
     if diff:
         shown = ", ".join(f"model.{k}={source_model.get(k)!r} there, {mine.get(k)!r} here" for k in diff[:4])
         raise CheckpointError(f"checkpoint.load_from {source}: a different model ({shown})")

@@ -49,7 +49,12 @@ def _stand_ins(path: str) -> list:
 
 
 def truncated(path: str, err: BaseException) -> CheckpointError:
-    detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = str(err).strip()
+    if isinstance(err, (zipfile.BadZipFile, EOFError)) or "zip archive" in text or \
+            "returned by torch.save" in text:
+        detail = "not a complete torch zip archive"  # a cut-off file: its zip directory is missing
+    else:
+        detail = text.splitlines()[0] if text else type(err).__name__
     return CheckpointError(f"{path}: truncated or corrupted checkpoint shard ({detail})")
 
 

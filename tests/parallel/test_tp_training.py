@@ -1,7 +1,7 @@
 """Training through `launch/pretrain.py`'s trainer with tensor parallelism: the loss curve of the tiny
-bottom-up model with tp=2 (with and without sequence parallelism) and tp=2 x dp=2 follows the
-single-process curve (fp32, same seed; grad clipping active, so the mpu's gradient norm must count
-replicated parameters once). A shortened version of the 50-step run recorded in docs/PARALLELISM.md.
+bottom-up model with tp=2, tp=2 + sequence parallelism (ZeRO-2) and tp=2 x dp=2 (ZeRO-1) follows
+the single-process curve (fp32, same seed; grad clipping active, so the mpu's gradient norm must
+count replicated parameters once). A shortened version of the 50-step run in docs/PARALLELISM.md.
 """
 import pytest
 
@@ -25,8 +25,8 @@ def _args(run_dir, *sets):
 def curves(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tp_train")
     layouts = {"single": (1, []), "tp2": (2, ["parallel.tensor=2"]),
-               "tp2_sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
-               "tp2_dp2": (4, ["parallel.tensor=2"])}
+               "tp2_sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.zero_stage=2"]),
+               "tp2_dp2": (4, ["parallel.tensor=2", "parallel.zero_stage=1"])}
     by_world = {}
     for name, (world, sets) in layouts.items():
         by_world.setdefault(world, []).append((name, (_train, (_args(tmp / name, *sets),))))
