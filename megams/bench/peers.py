@@ -12,14 +12,16 @@ from megams.bench import report
 from megams.bench.runner import run_fresh
 
 
-def pairs(d: int, heads: int, L: int, k: int):
-    """(label, megams model, peer impl, peer model) for the two comparisons."""
+def pairs(d: int, heads: int, L: int, k: int, seq_len: int):
+    """(label, megams model, peer impl, peer model) for the two comparisons (learned position
+    tables sized to seq_len on both sides, as the peers size theirs)."""
     v = {"type": "vanilla", "n_layers": L, "d_model": d, "n_heads": heads, "vocab_size": 256,
-         "positions": "learned", "norm": "layernorm", "mlp": "gelu"}
+         "positions": "learned", "max_seq_len": seq_len, "norm": "layernorm", "mlp": "gelu"}
     pre, post = max(1, L // 4), max(1, L // 4)
     valley = L - pre - post
     bu = {"type": "bottom_up", "shorten_factors": [k], "layers_per_scale": [pre, valley], "n_post": post,
-          "d_model": d, "n_heads": heads, "vocab_size": 256, "positions": "learned", "pooling": "avg",
+          "d_model": d, "n_heads": heads, "vocab_size": 256, "positions": "learned", "max_seq_len": seq_len,
+          "pooling": "avg",
           "aggregation": "sum", "upsampling": "repeat"}
     return [
         (f"vanilla {L}L d{d}", v, "gpt2", {"vocab_size": 256, "d_model": d, "n_heads": heads, "n_layers": L}),
@@ -48,7 +50,7 @@ def run(corpus: str, out_dir: str, d: int = 256, heads: int = 4, L: int = 4, k: 
     common = {"data_path": corpus, "seq_len": seq_len, "batch": batch, "steps": steps, "threads": threads,
               "precision": "fp32", "timed_skip": 3, "eval_batches": 0,
               "data_cache": data_cache}
-    for label, ours, impl, peer in pairs(d, heads, L, k):
+    for label, ours, impl, peer in pairs(d, heads, L, k, seq_len):
         if not have[impl]:
             log(f"[peers] {impl} not installed (pip install -r tools/requirements-bench.txt -c constraints.txt): skipped")
             continue

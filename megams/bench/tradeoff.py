@@ -96,14 +96,25 @@ def run(corpus: str, out_dir: str, d: int = 128, heads: int = 4, L: int = 8, seq
 
 
 def plot(rows: List[dict], path: str, setting: dict) -> None:
+    """Left: perplexity vs activation memory (a model far above the rest is drawn at the top edge,
+    its value in the label, so it does not squash the others). Right: validation bits/byte curves."""
     fig, (ax, ax2) = report.new_figure(2, width=5.6)
+    ppl = sorted(r["val_ppl"] for r in rows if r.get("val_ppl"))
+    top = ppl[0] * 1.12 if len(ppl) > 1 and ppl[-1] > ppl[0] * 1.12 else None
     for r in rows:
         x, y = r["act_bytes_per_seq"] / report.MiB, r.get("val_ppl")
-        ax.scatter([x], [y], s=40)
-        ax.annotate(r["label"], (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        label = r["label"]
+        if top and y > top:
+            y, label = top, f"{label} (ppl {r['val_ppl']:.1f}, off scale)"
+        ax.scatter([x], [y], s=40, marker="^" if label != r["label"] else "o")
+        ax.annotate(label, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points", rotation=12)
         ev = r.get("evals") or []
         if ev:
             ax2.plot([e["step"] for e in ev], [e["val_bpb"] for e in ev], marker="o", ms=3, label=r["label"])
+    if top:
+        ax.set_ylim(ppl[0] * 0.98, top * 1.02)
+        bpb = sorted(r["val_bpb"] for r in rows if r.get("val_bpb"))
+        ax2.set_ylim(bpb[0] * 0.97, bpb[0] * 1.35)
     ax.set_xlabel("activation memory per sequence (MiB, saved for backward, fp32)")
     ax.set_ylabel("validation perplexity (bytes)")
     ax.set_title(f"equal tokens ({setting['tokens'] / 1e6:.1f}M), d={setting['d_model']}, T={setting['seq_len']}",

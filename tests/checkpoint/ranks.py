@@ -35,17 +35,20 @@ def training_logits(rank, world, ckpt_dir, tokens):
     else:
         engine, _, _ = build_engine(cfg, model, layout.dp, mode, mpu=getattr(layout.dims, "mpu", None))
     del model
-    ckpt.load(engine, ckpt_dir, load_optimizer=False)
+    # with the optimizer: DeepSpeed loads a ZeRO-3 module alone through zero_to_fp32, which cannot read TP shards
+    ckpt.load(engine, ckpt_dir)
     engine.eval()
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "autocast_bf16" else torch.no_grad()
     with torch.no_grad(), ctx:
         if layout.pp > 1:
             mb = cfg.training.micro_batch_size
-            chunks = [(tokens[i:i + mb], tokens[i:i + mb]) for i in range(0, tokens.shape[0], mb)]
-            _, logits = engine.eval_batch(iter(chunks), return_logits=True, num_micro_batches=len(chunks))
-            if logits is None:
-                return None
-            logits = torch.cat(logits) if isinstance(logits, (list, tuple)) else logits
+            outs = []
+            for i in range(0, tokens.shape[0], mb):  # eval_batch keeps only its last micro-batch's logits
+                chunk = tokens[i:i + mb]
+                outs.append(engine.eval_batch(iter([(chunk, chunk)]), return_logits=True, num_micro_batches=1)[1])
+            if outs[0] is None:
+                return None  # not the last stage
+            logits = torch.cat(outs)
         else:
             logits = engine(tokens)
     if layout.tp > 1:
