@@ -16,7 +16,7 @@ import time
 from megams.bench import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-LAYOUTS = [(2, 1, 1), (1, 2, 1), (1, 1, 2), (4, 1, 1), (2, 2, 1), (2, 1, 2), (1, 2, 2)]  # (dp, tp, pp)
+LAYOUTS = [(2, 1, 1), (1, 2, 1), (1, 1, 2), (4, 1, 1), (2, 2, 1), (1, 2, 2)]  # (dp, tp, pp)
 
 
 def partition_balance(configs=("bottom_up", "vanilla", "top_down"), stages=(2, 4), seq_len: int = 256) -> list:
@@ -42,7 +42,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_layout(dp: int, tp: int, pp: int, out_dir: str, steps: int, config: str, timeout: float = 300) -> dict:
+def run_layout(dp: int, tp: int, pp: int, out_dir: str, steps: int, config: str, timeout: float = 150) -> dict:
     n = dp * tp * pp
     run_dir = os.path.abspath(os.path.join(out_dir, "runs", f"dp{dp}tp{tp}pp{pp}"))
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -75,7 +75,7 @@ def run_layout(dp: int, tp: int, pp: int, out_dir: str, steps: int, config: str,
     return row
 
 
-def run(out_dir: str, threads: int = 1, steps: int = 12, config: str = "", layouts=None, log=print) -> int:
+def run(out_dir: str, threads: int = 1, steps: int = 8, config: str = "", layouts=None, log=print) -> int:
     config = config or os.path.join(ROOT, "configs", "tiny", "vanilla.yaml")
     t_all = time.time()
     balance = partition_balance()
