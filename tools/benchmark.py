@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     ti = sub.add_parser("tiny", help="configs/tiny/*.yaml through the real trainer")
     common(ti)
     ti.add_argument("--steps", type=int, default=300)
-    ti.add_argument("--configs", nargs="*", default=None)
+    ti.add_argument("--configs", nargs="*", default=None, help="default: configs/tiny/{vanilla,bottom_up,top_down,retina}.yaml")
     ti.add_argument("--set", action="append", default=[], help="extra trainer override, e.g. data.seq_len=128")
 
     a = p.parse_args(argv)

@@ -2,7 +2,6 @@
 (launch/pretrain.py: DeepSpeed engine, metrics.jsonl) on a text corpus, one fresh process each."""
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
@@ -15,11 +14,12 @@ from typing import List, Optional
 from megams.bench import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FOUNDATION = ("vanilla", "bottom_up", "top_down", "retina")  # the four foundation configs (others: --configs)
 
 
 def run(corpus: str, out_dir: str, steps: int = 300, configs: Optional[List[str]] = None, threads: int = 2,
         extra: Optional[List[str]] = None, log=print) -> dict:
-    configs = configs or sorted(glob.glob(os.path.join(ROOT, "configs", "tiny", "*.yaml")))
+    configs = configs or [os.path.join(ROOT, "configs", "tiny", f"{n}.yaml") for n in FOUNDATION]
     t_all = time.time()
     rows = []
     for path in configs:

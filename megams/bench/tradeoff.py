@@ -78,14 +78,7 @@ def run(corpus: str, out_dir: str, d: int = 128, heads: int = 4, L: int = 8, seq
     base = next((r for r in rows if r["label"] == f"vanilla-{L // 2}"), rows[0])
     for r in rows:
         r["act_ratio"] = report.ratio(r["act_bytes_per_seq"], base["act_bytes_per_seq"])
-    cols = [("model", lambda r: r["label"]), ("layers", lambda r: r["layers"]), ("params", lambda r: r["params"]),
-            ("MFLOP/token", lambda r: r["flops_per_token"] / 1e6),
-            ("act MiB/seq (saved)", lambda r: r["act_bytes_per_seq"] / report.MiB),
-            (f"act vs vanilla-{L // 2}", lambda r: f"{r['act_ratio']:.2f}x"),
-            ("act MiB/seq (cost model)", lambda r: r["act_bytes_per_seq_est"] / report.MiB),
-            ("peak RSS MiB", lambda r: r["peak_rss_bytes"] / report.MiB),
-            ("tokens/s", lambda r: r["tokens_per_s"]),
-            ("val ppl", lambda r: r.get("val_ppl")), ("val bits/byte", lambda r: r.get("val_bpb"))]
+    cols = columns(L)
     text = report.table(rows, cols)
     payload = {"study": "tradeoff", "machine": report.machine(), "setting": setting, "rows": rows,
                "wall_s": time.time() - t_all}
@@ -93,6 +86,18 @@ def run(corpus: str, out_dir: str, d: int = 128, heads: int = 4, L: int = 8, seq
     plot(rows, f"{out_dir}/tradeoff.png", setting)
     log(text)
     return payload
+
+
+def columns(L: int):
+    return [("model", lambda r: r["label"]), ("layers", lambda r: r["layers"]), ("params", lambda r: r["params"]),
+            ("MFLOP/token", lambda r: r["flops_per_token"] / 1e6),
+            ("act MiB/seq (saved)", lambda r: r["act_bytes_per_seq"] / report.MiB),
+            (f"act vs vanilla-{L // 2}", lambda r: f"{r['act_ratio']:.2f}x"),
+            ("act MiB/seq (cost model)", lambda r: r["act_bytes_per_seq_est"] / report.MiB),
+            ("peak RSS MiB", lambda r: r["peak_rss_bytes"] / report.MiB),
+            ("tokens/s", lambda r: r["tokens_per_s"]),
+            ("val ppl", lambda r: f"{r['val_ppl']:.3f}" if r.get("val_ppl") else None),
+            ("val bits/byte", lambda r: f"{r['val_bpb']:.3f}" if r.get("val_bpb") else None)]
 
 
 def plot(rows: List[dict], path: str, setting: dict) -> None:

@@ -345,6 +345,10 @@ def _pipeline_module_class():
 def build_pipeline(model, dims, cfg, loss_fn, *, micro_batches: Optional[int] = None, verbose: bool = True):
     """`model` (plain, possibly after apply_tp / apply_ac) as a DeepSpeed PipelineModule over `dims`
     (all ranks call it together). Prints the partition on rank 0 when `verbose`."""
+    import deepspeed
+    import torch.distributed as dist
+    if not deepspeed.comm.is_initialized():  # DeepSpeed's comm layer on top of the existing process group
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
     p = cfg.parallel
     if dims.pp_size != p.pipeline:
         raise ConfigError(f"parallel.pipeline={p.pipeline} but the layout has {dims.pp_size} stages")
