@@ -74,13 +74,19 @@ def _rot(t: torch.Tensor, pos: torch.Tensor, base: Optional[float]) -> torch.Ten
     return t if base is None else apply_rotary(t, pos, base)
 
 
+def _rot_pair(q: torch.Tensor, k: torch.Tensor, pos: int, base: Optional[float]):
+    """Rotate a query and a key of the same position with one rotary call (heads concatenated)."""
+    if base is None:
+        return q, k
+    qk = apply_rotary(torch.cat([q, k], dim=2), torch.tensor([pos], device=q.device), base)
+    return qk.split([q.shape[2], k.shape[2]], dim=2)
+
+
 def attention_step(attn, x: torch.Tensor, pos: int, cache: KVBuffer) -> torch.Tensor:
     """`attn` (megams.models.layers.Attention, causal self-attention) for the query at `pos`
     (x: [B, 1, d], the attention's input); appends this position's key/value to `cache` first."""
     hd, base = attn.head_dim, attn.rotary_base
-    p = torch.tensor([pos], device=x.device)
-    q = _rot(_heads(attn.wq, x, hd), p, base)
-    k = _rot(_heads(attn.wk, x, hd), p, base)
+    q, k = _rot_pair(_heads(attn.wq, x, hd), _heads(attn.wk, x, hd), pos, base)
     v = _heads(attn.wv, x, hd)
     cache.append(k.transpose(1, 2), v.transpose(1, 2))
     keys, values = cache.get()
@@ -101,9 +107,7 @@ class RetinaState:
     def step(self, x: torch.Tensor, pos: int) -> torch.Tensor:
         a, hd, base = self.attn, self.attn.head_dim, self.attn.rotary_base
         dev = x.device
-        p = torch.tensor([pos], device=dev)
-        q = _rot(_heads(a.wq, x, hd), p, base)
-        k = _rot(_heads(a.wk, x, hd), p, base)
+        q, k = _rot_pair(_heads(a.wq, x, hd), _heads(a.wk, x, hd), pos, base)
         self.levels[0].append(k.transpose(1, 2), _heads(a.wv, x, hd).transpose(1, 2))
         self.recent.append(x[:, 0])
         self.recent = self.recent[-self.Ks[-1]:]

@@ -102,11 +102,18 @@ def checkpointed_modules(model: nn.Module, mode: str, every_k: int = 1) -> List[
 
 def configure_deepspeed_checkpointing(ac_cfg, dims=None) -> None:
     """`deepspeed.checkpointing.configure` with the layout's mpu (its tensor group partitions the
-    kept activations). Needs torch.distributed initialised, even for one process."""
+    kept activations). Needs torch.distributed initialised, even for one process.
+
+    On a CPU device `cpu_checkpointing` has nothing to move (activations already live in host
+    memory) and is not passed on: DeepSpeed 0.19.8 "copies" each kept input to the CPU with
+    `.to("cpu")`, which returns the same tensor, then empties that tensor's storage, losing the
+    input it meant to keep. The checkpointing itself (and partitioning) stays on."""
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    on_cpu = get_accelerator().device_name() == "cpu"
     deepspeed.checkpointing.configure(dims.mpu if dims is not None else None,
                                       partition_activations=ac_cfg.partition_activations,
-                                      checkpoint_in_cpu=ac_cfg.cpu_checkpointing)
+                                      checkpoint_in_cpu=ac_cfg.cpu_checkpointing and not on_cpu)
 
 
 def apply_ac(model: nn.Module, cfg, dims=None) -> nn.Module:

@@ -5,8 +5,17 @@ import json
 import os
 
 
+def _forget_previous_engine():
+    """Several runs share these processes, and DeepSpeed keeps the last engine's `mpu` in a global
+    (deepspeed.utils.groups.mpu): a data-parallel-only engine (mpu=None) would then read another
+    run's tensor/pipeline layout. Reset it before each run."""
+    from deepspeed.utils import groups
+    groups.mpu = None
+
+
 def train(rank, world, argv):
     from megams.training.trainer import main
+    _forget_previous_engine()
     return main(argv)
 
 
@@ -23,6 +32,7 @@ def training_logits(rank, world, ckpt_dir, tokens):
     from megams.training.engine import build_engine, precision_mode
     from megams.training.trainer import Trainer
 
+    _forget_previous_engine()
     with open(os.path.join(ckpt_dir, "megams.json")) as f:
         cfg = config_from_dict(json.load(f)["config"])
     trainer = Trainer(cfg)
