@@ -1,5 +1,5 @@
 """Training through `launch/pretrain.py`'s trainer with tensor parallelism: the loss curve of the tiny
-bottom-up model with tp=2, tp=2 + sequence parallelism (ZeRO-2) and tp=2 x dp=2 (ZeRO-1) follows
+bottom-up model with tp=2, tp=2 + sequence parallelism (ZeRO-2) and tp=2 x dp=2 (ZeRO-1, ZeRO-3) follows
 the single-process curve (fp32, same seed; grad clipping active, so the mpu's gradient norm must
 count replicated parameters once). A shortened version of the 50-step run in docs/PARALLELISM.md.
 """
@@ -26,7 +26,8 @@ def curves(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tp_train")
     layouts = {"single": (1, []), "tp2": (2, ["parallel.tensor=2"]),
                "tp2_sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.zero_stage=2"]),
-               "tp2_dp2": (4, ["parallel.tensor=2", "parallel.zero_stage=1"])}
+               "tp2_dp2": (4, ["parallel.tensor=2", "parallel.zero_stage=1"]),
+               "tp2_dp2_zero3": (4, ["parallel.tensor=2", "parallel.zero_stage=3"])}
     by_world = {}
     for name, (world, sets) in layouts.items():
         by_world.setdefault(world, []).append((name, (_train, (_args(tmp / name, *sets),))))
@@ -39,7 +40,7 @@ def curves(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("layout", ["tp2", "tp2_sp", "tp2_dp2"])
+@pytest.mark.parametrize("layout", ["tp2", "tp2_sp", "tp2_dp2", "tp2_dp2_zero3"])
 def test_loss_curve_matches_single_process(curves, layout):
     (ref, ref_eval), (got, got_eval) = curves["single"], curves[layout]
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
