@@ -24,3 +24,13 @@ def shared_data():
     if not os.path.isdir(SHARED_DATA):
         pytest.skip(f"{SHARED_DATA} not present")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """In-process `main(argv)` runs export RANK/WORLD_SIZE/LOCAL_WORLD_SIZE/... (as a launcher
+    would); restore the environment so later tests (and the launchers they start) never inherit them."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Sample text from a converted (plain-torch) megams model.
 
-    python tools/generate.py exported/x --prompt "def main(" --max-new-tokens 200 --temperature 0.8 --top-k 50 --top-p 0.95 --seed 0
+    python tools/generate.py exported/x --prompt "def main(" --max-new-tokens 200 \
+        --temperature 0.8 --top-k 50 --top-p 0.95 --seed 0
     python tools/generate.py exported/x --benchmark --max-new-tokens 256        # tokens/s, cached vs full recompute
     python tools/generate.py --config configs/tiny/retina.yaml --benchmark       # a random-init model of a config
 
@@ -63,7 +64,8 @@ def main(argv=None) -> int:
         kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                   vocab_limit=model.tokenizer.vocab_size)
         if args.benchmark:
-            result = {"model": os.path.abspath(args.model or args.config), "type": model.cfg.type, "prompt_tokens": len(ids),
+            result = {"model": os.path.abspath(args.model or args.config), "type": model.cfg.type,
+                      "prompt_tokens": len(ids),
                       "new_tokens": args.max_new_tokens, "batch": args.num_samples, "threads": torch.get_num_threads()}
             for cache in (True, False):
                 stats = {}

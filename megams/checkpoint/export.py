@@ -143,7 +143,8 @@ def export_pretrained(state: TrainingState, output_dir: str, weights: str = "saf
     spec = tokenizer or cfg["data"]["tokenizer"]
     info = {"source": {"checkpoint": state.path, "step": state.step, "layout": state.layout,
                        "files": [os.path.basename(p) for p in state.files]},
-            "training": {"data": cfg["data"], "seed": cfg["training"]["seed"], "precision": cfg["training"]["precision"]},
+            "training": {"data": cfg["data"], "seed": cfg["training"]["seed"],
+                         "precision": cfg["training"]["precision"]},
             "validation": _validation(state.path, state.step)}
     return save_pretrained(state.params, state.model_config, output_dir, weights, dtype, spec,
                            None if tokenizer else state.meta.get("tokenizer"), info)

@@ -108,8 +108,9 @@ def load_state(model: torch.nn.Module, tensors: Dict[str, torch.Tensor], where: 
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own) - aliases)
     if missing or unexpected:
-        parts = ([f"missing {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "")] if missing else []) + \
-                ([f"unexpected {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else "")] if unexpected else [])
+        def some(names):
+            return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+        parts = ([f"missing {some(missing)}"] if missing else []) + ([f"unexpected {some(unexpected)}"] if unexpected else [])
         raise CheckpointError(f"{where}: weights do not match the model of config.json ({'; '.join(parts)})")
     for n, t in own.items():
         if tuple(tensors[n].shape) != tuple(t.shape):

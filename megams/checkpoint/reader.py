@@ -20,7 +20,6 @@ message that names the file.
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 from dataclasses import dataclass, field
@@ -128,7 +127,8 @@ class _Files:
         self.dp, self.tp, self.pp = int(lay["dp"]), int(lay.get("tp", 1)), int(lay.get("pp", 1))
         self.zero = int(lay["zero_stage"])
         self.bf16 = lay.get("precision") == "bf16" and self.zero >= 1  # DeepSpeed bf16 (fp32 master in the optimizer)
-        self.describe = f"dp={self.dp} tp={self.tp} pp={self.pp} zero_stage={self.zero} precision={lay.get('precision')}"
+        self.describe = (f"dp={self.dp} tp={self.tp} pp={self.pp} zero_stage={self.zero} "
+                         f"precision={lay.get('precision')}")
 
     def _need(self, name: str, what: str) -> str:
         path = os.path.join(self.ckpt, name)
@@ -304,8 +304,8 @@ def read_checkpoint(path: str, optimizer: bool = False) -> TrainingState:
         exp_avg_sq = _assemble(record, {m: v["exp_avg_sq"] for m, v in moments.items()}, files.tp, ckpt)
         opt = {n: {"exp_avg": exp_avg[n], "exp_avg_sq": exp_avg_sq[n]} for n in params}
 
-    source = ("module weights (fp32)" if files.zero == 0 else
-              f"fp32 master weights from the ZeRO-{files.zero} optimizer partitions of {files.dp} data-parallel rank(s)")
+    source = ("module weights (fp32)" if files.zero == 0 else f"fp32 master weights from the ZeRO-{files.zero} "
+              f"optimizer partitions of {files.dp} data-parallel rank(s)")
     report = [f"read {ckpt} (step {meta['step']}; layout {files.describe}): {len(loaded)} files",
               f"weights: {source}" + (f"; {files.tp} tensor-parallel shards merged along their partition dims"
                                       if files.tp > 1 else "") + (f"; {files.pp} pipeline stages mapped to "

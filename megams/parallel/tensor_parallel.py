@@ -47,11 +47,10 @@ import torch.nn.functional as F
 
 from megams.models.base import LanguageModel
 from megams.models.embedding import check_length
-from megams.models.layers import MLP, Attention, Block
-from megams.models.retina_attention import RetinaAttention
+from megams.models.layers import MLP, Block
 from megams.models.scales import Aggregation, Shorten, Upsample
 from megams.parallel.cross_entropy import vocab_parallel_cross_entropy
-from megams.parallel.dims import ParallelDims, padded_vocab
+from megams.parallel.dims import ParallelDims
 from megams.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from megams.parallel.mappings import (all_gather, all_reduce, copy_to_tp, gather_from_sp, reduce_from_tp,
                                       reduce_scatter_to_sp, scatter_to_sp)
@@ -323,4 +322,4 @@ def parameter_count(model: nn.Module) -> int:
     return total
 
 
-__all__ = ["apply_tp", "vocab_parallel_loss", "full_state_dict", "full_grads", "parameter_count", "padded_vocab"]
+__all__ = ["apply_tp", "vocab_parallel_loss", "full_state_dict", "full_grads", "parameter_count"]

@@ -155,7 +155,8 @@ for name, path in json.loads(sys.argv[2]).items():
         out[name] = {"fp32": model(tokens), "bf16": model.to(torch.bfloat16)(tokens).float(),
                      "eval": not model.training}
 out["__deepspeed_imported__"] = "deepspeed" in sys.modules
-out["__megams_modules__"] = sorted(m for m in sys.modules if m.startswith(("deepspeed", "megams.training", "megams.parallel")))
+out["__megams_modules__"] = sorted(m for m in sys.modules
+                                   if m.startswith(("deepspeed", "megams.training", "megams.parallel")))
 torch.save(out, sys.argv[4])
 """
 
@@ -166,8 +167,9 @@ def torch_only_logits(runs: Dict[str, Run], tmp) -> dict:
     torch.save(TOKENS, tok)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run([sys.executable, "-c", TORCH_ONLY, ROOT, json.dumps({n: r.converted for n, r in runs.items()}),
-                           tok, result], env=env, capture_output=True, text=True, timeout=600)
+    paths = json.dumps({n: r.converted for n, r in runs.items()})
+    proc = subprocess.run([sys.executable, "-c", TORCH_ONLY, ROOT, paths, tok, result], env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     return torch.load(result, weights_only=True)
 

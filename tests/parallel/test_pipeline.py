@@ -44,7 +44,10 @@ def make_cfg(model_type, over=None, *, pp=2, tp=1, world=2, layout=None, zero=0,
                                 pipeline_partition="explicit" if layout else "cost", pipeline_layout=layout or [],
                                 activation_checkpointing=ActivationCheckpointConfig(**(ac or {}))),
         training=TrainingConfig(micro_batch_size=mb, global_batch_size=mb * gas * dp, seed=0),
-        optimizer=OptimizerConfig(grad_clip=clip, warmup=0, lr=1e-3))
+        # lr = eps = 1: the first AdamW update is ~g / (|g| + 1), linear in the gradient, so comparing the
+        # weights after the step checks the gradient the optimizer saw (with eps = 1e-8 it is ~sign(g):
+        # fp32 noise on a near-zero gradient would flip it)
+        optimizer=OptimizerConfig(grad_clip=clip, warmup=0, lr=1.0, eps=1.0))
 
 
 def _tokens(cfg, seed=0):

@@ -12,7 +12,6 @@ a sequence length that needs padding, pairwise by default, the full cross produc
 All cases of a world size run in one `run_ranks` start-up.
 """
 import itertools
-import os
 
 import pytest
 import torch
