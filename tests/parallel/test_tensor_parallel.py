@@ -161,12 +161,14 @@ def test_dropout_masks_follow_the_layout(tp2_dp2):
 
 
 @pytest.mark.full
-def test_full_matrix_tp2():
+@pytest.mark.timeout(7200)
+def test_full_matrix_tp2():  # 4,928 cases, ~15 min on 2 cores
     _check(run_ranks(2, [(_equivalence_case, (model_cases(full=True),))], timeout=7200)[0])
 
 
 @pytest.mark.full
-def test_full_matrix_tp2_dp2():
+@pytest.mark.timeout(7200)
+def test_full_matrix_tp2_dp2():  # ~45 min on 2 cores
     _check(run_ranks(4, [(_equivalence_case, (model_cases(full=True),))], timeout=7200)[0])
 
 
