@@ -11,7 +11,8 @@
 - `reader.py`      a checkpoint directory -> full fp32 tensors (+ optimizer moments) by plain name
 - `export.py` / `pretrained.py`  the plain-torch model directory, written and read
 - `reshard.py`     start training from another layout (trainer's `checkpoint.load_from`)
-Nothing here imports deepspeed; `reshard.py` touches a live DeepSpeed engine it is handed.
+No module here imports deepspeed at import time (reading checkpoints never needs it); `reshard.py`
+works on the live DeepSpeed engine the trainer hands it.
 """
 from megams.checkpoint.errors import CheckpointError
 from megams.checkpoint.export import export_pretrained, save_model, save_pretrained
