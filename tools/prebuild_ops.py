@@ -12,7 +12,19 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 
+def _clear_stale_locks(max_age_s: float = 600) -> None:
+    """A build killed mid-way leaves `<ext>/lock` behind and every later load waits on it forever."""
+    import glob
+    import time
+    root = os.environ["TORCH_EXTENSIONS_DIR"]
+    for lock in glob.glob(os.path.join(root, "*", "lock")):
+        if time.time() - os.path.getmtime(lock) > max_age_s:
+            print(f"[prebuild_ops] removing stale build lock {lock}", file=sys.stderr)
+            os.remove(lock)
+
+
 def main() -> int:
+    _clear_stale_locks()
     try:
         from deepspeed.accelerator import get_accelerator
         builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
