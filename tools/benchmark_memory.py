@@ -8,9 +8,11 @@ ZeRO 0 / 1 / 2 / 3: one table, one run.
 Every row trains the same model for a few steps on random tokens, data parallel over --ranks
 fresh processes (gloo, 1 thread each). Per rank: the peak resident set size (VmHWM, reset just
 before the model is built) and its rise over the resident size at that point (model, gradients,
-optimizer states, saved activations, DeepSpeed's buffers). On CPU this is the number that decides
-whether a run fits; on GPU the same script reads the same counters of the process. Wrap in
-`flock /tmp/megams-heavy.lock` here.
+optimizer states, saved activations, DeepSpeed's buffers): over the whole run (set-up included:
+DeepSpeed's ZeRO flattens the parameters into new buffers, a transient second copy), and over
+the training steps after the first one (steady state). glibc is told to return large blocks to
+the system at once (MALLOC_MMAP_THRESHOLD_), so the resident size follows the live tensors.
+On CPU this is the number that decides whether a run fits. Wrap in `flock /tmp/megams-heavy.lock` here.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ def main(argv=None) -> int:
     p.add_argument("--ranks", type=int, default=2, help="data-parallel ranks")
     p.add_argument("--steps", type=int, default=3)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))  # inherited by the ranks
 
     from megams.bench import pipeline as bp
     from megams.config import load_config
@@ -55,11 +58,13 @@ def main(argv=None) -> int:
         sets = args.set + [f"parallel.zero_stage={zero}"] + [f"parallel.activation_checkpointing.{a}" for a in ac]
         cfg = load_config(args.config, sets)
         ranks = bp.spawn_ranks(args.ranks, bp.memory_worker, (cfg, args.steps))
-        rows.append([label] + [f"{bp.fmt_mib(r['peak'])} (+{bp.fmt_mib(r['peak'] - r['baseline'])})" for r in ranks]
+        rows.append([label] + [f"{bp.fmt_mib(r['peak'])} (+{bp.fmt_mib(r['peak'] - r['baseline'])}, "
+                               f"+{bp.fmt_mib(r['peak_steady'] - r['baseline'])})" for r in ranks]
                     + [f"{max(r['step_s'] for r in ranks):.2f}"])
         print(f"  done: {label}", file=sys.stderr, flush=True)
     t = cfg.training
-    header = ["setting"] + [f"rank {r}: peak RSS MiB (+rise)" for r in range(args.ranks)] + ["s/step"]
+    header = (["setting"] + [f"rank {r}: peak RSS MiB (+rise: whole run, steady steps)" for r in range(args.ranks)]
+              + ["s/step"])
     print(f"megams memory, {datetime.date.today()}, {bp.machine_line()}, {args.ranks} data-parallel ranks, 1 thread each\n"
           f"model: {os.path.relpath(args.config, ROOT)} {' '.join(args.set)} ({cfg.model.type}, "
           f"{param_count(cfg.model) / 1e6:.2f}M params, d={cfg.model.d_model}), micro-batch {t.micro_batch_size} x "

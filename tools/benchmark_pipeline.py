@@ -4,6 +4,11 @@
     python tools/benchmark_pipeline.py balance [--config configs/tiny/bottom_up_30l.yaml] [--set k=v ...]
                                                [--steps 4] [--micro-batches 8]
     python tools/benchmark_pipeline.py bubble  [--config ...] [--stages 2] [--micro-batches 1 4 8] [--steps 4]
+    python tools/benchmark_pipeline.py calibrate [--config ...]
+
+calibrate: every pipeline unit timed alone (forward + backward, one micro-batch, one thread),
+and the fit time = (FLOPs + overhead_rows x FLOPs per row) / R that `parallel.pipeline_overhead_rows`
+takes (see megams/parallel/partition.py).
 
 balance: for 2 stages the `cost` and `uniform` partitions, for 3 and 4 stages the `cost`
 partition and an explicit layout giving the coarse scales their own stage(s). Per stage: the
@@ -32,7 +37,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".venv", "torch
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["balance", "bubble"])
+    p.add_argument("what", choices=["balance", "bubble", "calibrate"])
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "tiny", "bottom_up_30l.yaml"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--steps", type=int, default=4, help="timed steps (after 1 warm-up step)")
@@ -72,21 +77,26 @@ def balance(args) -> str:
              f"{args.steps} timed steps", ""]
     rows = []
     for p, method, layout, cfg, ranks, isolated in out:
+        flop = bp.predicted_shares(cfg, overhead_rows=0)
         pred = bp.predicted_shares(cfg)
         names = bp.stage_names(cfg)
         comp = [r["compute_s"] for r in sorted(ranks, key=lambda r: r["stage"])]
         for s in range(p):
-            rows.append([p, method + (f" {layout}" if layout else ""), s, names[s], f"{100 * pred[s]:.1f}%",
-                         f"{1000 * comp[s]:.0f}", f"{100 * comp[s] / sum(comp):.1f}%",
+            rows.append([p, method + (f" {layout}" if layout else ""), s, names[s], f"{100 * flop[s]:.1f}%",
+                         f"{100 * pred[s]:.1f}%", f"{1000 * comp[s]:.0f}", f"{100 * comp[s] / sum(comp):.1f}%",
                          f"{1000 * isolated[s]:.1f}", f"{100 * isolated[s] / sum(isolated):.1f}%"])
         bal = lambda xs: max(xs) / (sum(xs) / len(xs))  # noqa: E731
         spread = lambda xs: max(xs) / min(xs) - 1  # noqa: E731
         rows.append([p, method, "all", "balance: slowest / mean (max/min - 1)",
-                     f"{bal(pred):.3f} ({100 * spread(pred):.0f}%)", "", f"{bal(comp):.3f} ({100 * spread(comp):.0f}%)",
+                     f"{bal(flop):.3f} ({100 * spread(flop):.0f}%)", f"{bal(pred):.3f} ({100 * spread(pred):.0f}%)",
+                     "", f"{bal(comp):.3f} ({100 * spread(comp):.0f}%)",
                      "", f"{bal(isolated):.3f} ({100 * spread(isolated):.0f}%)"])
+    lines.append(f"predicted cost = FLOPs + parallel.pipeline_overhead_rows={c0.parallel.pipeline_overhead_rows} rows "
+                 f"per layer call (the partitioner's measure); FLOP share = the same with 0 rows")
+    lines.append("")
     lines.append(bp.markdown_table(
-        ["stages", "partition", "stage", "units (scales)", "predicted FLOP share", "in-pipeline compute ms/step",
-         "share", "isolated ms/micro-batch", "share"], rows))
+        ["stages", "partition", "stage", "units (scales)", "FLOP share", "predicted cost share",
+         "in-pipeline compute ms/step", "share", "isolated ms/micro-batch", "share"], rows))
     return "\n".join(lines)
 
 
@@ -112,9 +122,39 @@ def bubble(args) -> str:
     return "\n".join(lines)
 
 
+def calibrate(args) -> str:
+    from collections import defaultdict
+
+    from megams.bench import pipeline as bp
+    from megams.config import load_config
+    from megams.parallel.partition import unit_cost
+    import torch
+    torch.set_num_threads(1)
+    cfg = load_config(args.config, args.set)
+    mb = cfg.training.micro_batch_size
+    timed = bp.unit_times(cfg)
+    R, r0 = bp.fit_overhead(timed, mb)
+    groups = defaultdict(list)
+    for u, t in timed:
+        groups[(u.kind, u.scale, u.seq_len)].append((u, t))
+    rows = []
+    for (kind, scale, L), items in groups.items():
+        u = items[0][0]
+        t = sum(x for _, x in items) / len(items)
+        rows.append([kind, scale, L, len(items), f"{1000 * t:.2f}", f"{1000 * mb * u.flops / R:.2f}",
+                     f"{1000 * mb * unit_cost(u, mb, r0) / R:.2f}"])
+    return "\n".join([
+        f"megams pipeline unit timings, {datetime.date.today()}, {bp.machine_line()}, 1 thread",
+        f"model: {os.path.relpath(args.config, ROOT)} {' '.join(args.set)}, micro-batch {mb} x seq {cfg.data.seq_len}, "
+        f"fp32, forward + backward, best of 3",
+        f"fit: R = {R / 1e9:.1f} GFLOP/s, overhead_rows = {r0:.0f}  ->  --set parallel.pipeline_overhead_rows={round(r0)}",
+        "", bp.markdown_table(["unit kind", "scale", "positions", "count", "measured ms (mean)",
+                               "FLOPs / R ms", "with overhead ms"], rows)])
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    print(balance(args) if args.what == "balance" else bubble(args), flush=True)
+    print({"balance": balance, "bubble": bubble, "calibrate": calibrate}[args.what](args), flush=True)
     return 0
 
 

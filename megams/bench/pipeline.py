@@ -147,17 +147,24 @@ def pipeline_worker(rank, world, cfg, steps: int, warmup: int = 1) -> dict:
         pipe.train_step(engine, batches)
     timed = timer.steps[warmup:]
     compute = [s.get("ForwardPass", 0.0) + s.get("BackwardPass", 0.0) for s in timed]
+    # the pipelined part of a step, the same for every stage: from the first stage starting it to the
+    # last forward / backward pass of any stage (perf_counter is CLOCK_MONOTONIC: one clock for all ranks)
+    import torch.distributed as dist
+    spans = [None] * world
+    dist.all_gather_object(spans, [(s["start"], s["last_compute_end"]) for s in timed])
+    window = [max(r[i][1] for r in spans) - min(r[i][0] for r in spans) for i in range(len(timed))]
     return {"stage": layout.dims.pp_rank, "compute_s": statistics.median(compute),
             "forward_s": statistics.median(s.get("ForwardPass", 0.0) for s in timed),
             "backward_s": statistics.median(s.get("BackwardPass", 0.0) for s in timed),
-            "window_s": statistics.median(s["window"] for s in timed),
+            "window_s": statistics.median(window),
             "total_s": statistics.median(s["total"] for s in timed),
-            "idle_fraction": statistics.median(1 - c / s["window"] for c, s in zip(compute, timed))}
+            "idle_fraction": statistics.median(1 - c / w for c, w in zip(compute, window))}
 
 
-def isolated_stage_times(cfg, repeats: int = 3) -> List[float]:
-    """Forward + backward time of each stage's layers for one micro-batch, the stages run one after
-    another in THIS process (no competition for the cores): the balance without the pipeline."""
+def _time_ranges(cfg, ranges, repeats: int = 3) -> List[float]:
+    """Forward + backward time (best of `repeats`) of layer ranges [a, b) of the model's pipeline
+    layer list for one micro-batch, run one after another in THIS process; each range gets the
+    input the previous layers produce, as a pipeline stage would receive it."""
     import torch
     from megams.models import build_model
     from megams.parallel.checkpointing import apply_ac
@@ -165,13 +172,14 @@ def isolated_stage_times(cfg, repeats: int = 3) -> List[float]:
     from megams.training.loss import lm_loss
     model = build_model(cfg.model, seed=0)
     apply_ac(model, cfg)
-    plan = plan_pipeline(model, cfg, cfg.parallel.pipeline)
+    one = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(
+        update={"pipeline": 1, "pipeline_partition": "cost", "pipeline_layout": []})})
+    plan = plan_pipeline(model, one, 1)  # the whole layer list; `ranges` cut it
     tied: dict = {}
-    b = plan.layer_bounds
-    stages = [LocalStage(plan, b[s], b[s + 1], model_factors(cfg.model), tied) for s in range(len(b) - 1)]
+    stages = [LocalStage(plan, a, b, model_factors(cfg.model), tied) for a, b in ranges]
     (x, y), = _random_batches(cfg, 1)
     inputs, times = [x], []
-    with torch.no_grad():  # every stage's input, as the previous stage sends it
+    with torch.no_grad():  # every range's input, as the previous stage sends it
         for st in stages[:-1]:
             inputs.append(st(inputs[-1]))
     for st, inp in zip(stages, inputs):
@@ -180,7 +188,7 @@ def isolated_stage_times(cfg, repeats: int = 3) -> List[float]:
             leaf = inp.detach().requires_grad_() if inp.is_floating_point() else inp
             t0 = time.perf_counter()
             out = st(leaf)
-            if st.output_scales is None:  # the last stage: logits -> loss
+            if st.output_scales is None:  # the last range: logits -> loss
                 lm_loss(out, y).backward()
             else:
                 out.backward(torch.ones_like(out))
@@ -190,12 +198,44 @@ def isolated_stage_times(cfg, repeats: int = 3) -> List[float]:
     return times
 
 
-def predicted_shares(cfg) -> List[float]:
+def isolated_stage_times(cfg, repeats: int = 3) -> List[float]:
+    """Forward + backward time of each stage of `cfg`'s partition for one micro-batch, the stages run
+    one after another in this process (no competition for the cores): the balance without the pipeline."""
     from megams.models import build_model
     from megams.parallel.pipeline import plan_pipeline
+    b = plan_pipeline(build_model(cfg.model, device="meta"), cfg, cfg.parallel.pipeline).layer_bounds
+    return _time_ranges(cfg, list(zip(b, b[1:])), repeats)
+
+
+def unit_times(cfg, repeats: int = 3):
+    """[(unit, seconds)]: forward + backward of every pipeline unit for one micro-batch, in isolation."""
+    from megams.models import build_model
+    from megams.parallel.pipeline import plan_pipeline
+    plan = plan_pipeline(build_model(cfg.model, device="meta"), cfg, 1)
+    starts = [plan.unit_of_layer.index(u) for u in range(len(plan.units))] + [len(plan.specs)]
+    return list(zip(plan.units, _time_ranges(cfg, list(zip(starts, starts[1:])), repeats)))
+
+
+def fit_overhead(timed, micro_batch: int) -> tuple:
+    """Fit time = (micro_batch x flops + overhead_rows x flops per row) / R over the units with FLOPs,
+    minimising relative errors. Returns (R in FLOP/s, overhead_rows)."""
+    import numpy as np
+    rows = [(u, t) for u, t in timed if u.flops > 0]
+    A = np.array([[micro_batch * u.flops / t, u.flops / u.seq_len / t] for u, t in rows])
+    a, b = np.linalg.lstsq(A, np.ones(len(rows)), rcond=None)[0]
+    return 1.0 / a, b / a
+
+
+def predicted_shares(cfg, overhead_rows: Optional[float] = None) -> List[float]:
+    """Each stage's share of the partition cost (`unit_cost`; `overhead_rows` default: the config's)."""
+    from megams.models import build_model
+    from megams.parallel.partition import unit_cost
+    from megams.parallel.pipeline import plan_pipeline
     plan = plan_pipeline(build_model(cfg.model, device="meta"), cfg, cfg.parallel.pipeline)
+    r0 = cfg.parallel.pipeline_overhead_rows if overhead_rows is None else overhead_rows
     b = plan.unit_bounds
-    f = [sum(u.flops for u in plan.units[b[s]:b[s + 1]]) for s in range(len(b) - 1)]
+    f = [sum(unit_cost(u, cfg.training.micro_batch_size, r0) for u in plan.units[b[s]:b[s + 1]])
+         for s in range(len(b) - 1)]
     return [x / sum(f) for x in f]
 
 
@@ -241,11 +281,12 @@ def memory_worker(rank, world, cfg, steps: int = 3) -> dict:
     base = reset_peak_rss()
     model, loss_fn = _plain_model(cfg, layout)
     engine, _, _ = build_engine(cfg, model, layout.dp, mode, mpu=layout.dims.mpu if layout.dims else None)
+    del model
     built = _status("VmRSS")
     batches = _random_batches(cfg, cfg.grad_accum_steps(layout.dp), seed=rank)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "autocast_bf16" else None
-    t0 = time.perf_counter()
-    for _ in range(steps):
+
+    def step():
         for x, y in batches:
             if autocast is not None:
                 with autocast:
@@ -254,8 +295,16 @@ def memory_worker(rank, world, cfg, steps: int = 3) -> dict:
                 logits = engine(x)
             engine.backward(loss_fn(logits, y))
             engine.step()
-    step_s = (time.perf_counter() - t0) / steps
-    return {"rank": rank, "baseline": base, "after_build": built, "peak": peak_rss(), "step_s": step_s}
+
+    step()  # set-up peaks (DeepSpeed flattening parameters, optimizer states appearing) happen by here
+    first = peak_rss()
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    for _ in range(steps - 1):
+        step()
+    step_s = (time.perf_counter() - t0) / max(1, steps - 1)
+    return {"rank": rank, "baseline": base, "after_build": built, "peak_first": first, "peak_steady": peak_rss(),
+            "peak": max(first, peak_rss()), "step_s": step_s}
 
 
 def fmt_mib(v: float) -> str:

@@ -188,6 +188,10 @@ class ParallelConfig(_Strict):
     pipeline_partition: Literal["cost", "uniform", "explicit"] = "cost"
     pipeline_layout: List[int] = Field(default_factory=list, description="explicit: pipeline units per stage (the "
                                        "units the start-up partition report lists: embed, blocks, shortenings, ..., head)")
+    pipeline_overhead_rows: int = Field(
+        96, ge=0, description="cost partition: charge every layer call as if it ran on this many more rows "
+                              "(positions x micro-batch): the fixed price of a small layer; 0 = pure FLOPs. "
+                              "Fit it for a machine with tools/benchmark_pipeline.py calibrate (96: a 2-core CPU)")
     activation_checkpointing: ActivationCheckpointConfig = Field(default_factory=ActivationCheckpointConfig)
 
     @model_validator(mode="after")

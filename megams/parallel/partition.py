@@ -10,9 +10,17 @@ them. Its cost is its fwd+bwd FLOPs at its own scale: a block on a sequence K ti
 about K times less (its attention K^2 less), which is why cutting multi-scale models by layer
 count is badly unbalanced (a coarse block is worth a fraction of a full-resolution one).
 
+Small layers do not run at full speed, though: every layer call pays a fixed price (eager
+dispatch of its ~100 forward and backward ops, matmuls too small to fill the machine), which
+matters exactly for the coarse layers. `unit_cost` therefore charges each unit its FLOPs as if
+it ran on `overhead_rows` more rows (positions x micro-batch) than it does:
+    cost = flops x (1 + overhead_rows / (micro_batch x positions at its scale)),
+i.e. time = FLOPs / R + a constant per call. `parallel.pipeline_overhead_rows` sets it (0: pure
+FLOPs); `python tools/benchmark_pipeline.py calibrate` fits it for a machine from per-unit timings.
+
 Methods:
-- `cost`: contiguous stages minimising the most expensive stage (exact dynamic programme; ties
-  broken towards even stages);
+- `cost`: contiguous stages minimising the most expensive stage by `unit_cost` (exact dynamic
+  programme; ties broken towards even stages);
 - `uniform`: the same number of transformer blocks per stage (what "split by layers" means in
   DeepSpeed / Megatron); non-block units (embedding, shortening, aggregation, head) stay with
   their neighbours;
@@ -36,6 +44,7 @@ class Unit:
     name: str                # module path of the (first) record: "embed", "scale_blocks.1.3", "aggregate", "head"
     kind: str                # embed | block | shorten | upsample | aggregate | head
     scale: int               # the scale it runs at (0 = full resolution)
+    seq_len: int             # positions it runs over, for one sequence
     flops: float             # fwd+bwd FLOPs for one sequence
     activation_bytes: float  # saved-for-backward bytes for one sequence (no activation checkpointing)
     params: int
@@ -51,9 +60,14 @@ def pipeline_units(cfg: ModelConfig, seq_len: int, bytes_per_element: int = 4) -
             continue
         group = pending_up + [c] if c.kind == "aggregate" else [c]
         pending_up = [] if c.kind == "aggregate" else pending_up
-        units.append(Unit(c.name, c.kind, c.scale, sum(g.flops for g in group),
+        units.append(Unit(c.name, c.kind, c.scale, c.seq_len, sum(g.flops for g in group),
                           sum(g.activation_bytes for g in group), sum(g.params for g in group)))
     return units
+
+
+def unit_cost(u: Unit, micro_batch: int = 1, overhead_rows: float = 0.0) -> float:
+    """What a unit costs for one sequence, in FLOP-equivalents (see the module docstring)."""
+    return u.flops * (1.0 + overhead_rows / (micro_batch * max(u.seq_len, 1)))
 
 
 # --- the three methods ----------------------------------------------------------------------------
@@ -89,10 +103,10 @@ def balanced_bounds(weights: Sequence[float], stages: int) -> List[int]:
 
 
 def partition(units: Sequence[Unit], stages: int, method: str = "cost",
-              layout: Optional[Sequence[int]] = None) -> List[int]:
+              layout: Optional[Sequence[int]] = None, micro_batch: int = 1, overhead_rows: float = 0.0) -> List[int]:
     """Stage bounds over `units` (stage s runs units[bounds[s]:bounds[s+1]])."""
     if method == "cost":
-        return balanced_bounds([u.flops for u in units], stages)
+        return balanced_bounds([unit_cost(u, micro_batch, overhead_rows) for u in units], stages)
     if method == "uniform":
         # one per block; a tiny weight on the rest keeps them attached to their neighbours deterministically
         return balanced_bounds([1.0 if u.kind == "block" else 1e-3 for u in units], stages)
@@ -117,6 +131,7 @@ class StageCost:
     names: List[str]
     scales: List[int]
     flops: float             # fwd+bwd per sequence
+    cost: float              # unit_cost summed: FLOPs plus the per-call overhead
     params: int
     model_bytes: float       # weights + gradients + optimizer states on one rank
     activation_bytes: float  # saved activations of the micro-batches in flight (1F1B), no checkpointing
@@ -124,7 +139,7 @@ class StageCost:
 
 
 def stage_costs(units: Sequence[Unit], bounds: Sequence[int], *, micro_batch: int = 1, micro_batches: int = 1,
-                tied_head_params: int = 0, bytes_per_param: float = 16.0) -> List[StageCost]:
+                tied_head_params: int = 0, bytes_per_param: float = 16.0, overhead_rows: float = 0.0) -> List[StageCost]:
     """Per stage: FLOPs, parameters, and a memory estimate. In 1F1B stage s keeps the activations of
     min(m, p - s) micro-batches alive; `tied_head_params` are added to the last stage (it holds a
     copy of the tied embedding); `bytes_per_param` covers weights + grads + optimizer states."""
@@ -135,7 +150,8 @@ def stage_costs(units: Sequence[Unit], bounds: Sequence[int], *, micro_batch: in
         params = sum(u.params for u in us) + (tied_head_params if s == p - 1 and p > 1 else 0)
         in_flight = min(micro_batches, p - s)
         out.append(StageCost(bounds[s], bounds[s + 1] - 1, [u.name for u in us], sorted({u.scale for u in us}),
-                             sum(u.flops for u in us), params, params * bytes_per_param,
+                             sum(u.flops for u in us), sum(unit_cost(u, micro_batch, overhead_rows) for u in us),
+                             params, params * bytes_per_param,
                              sum(u.activation_bytes for u in us) * micro_batch * in_flight, in_flight))
     return out
 
@@ -146,17 +162,17 @@ def _short_names(names: List[str]) -> str:
 
 def describe(costs: Sequence[StageCost], method: str, micro_batch: int, micro_batches: int) -> str:
     """The start-up report: which units and scales run on which stage, predicted cost and memory."""
-    total = sum(c.flops for c in costs) or 1.0
+    total = sum(c.cost for c in costs) or 1.0
     mib = 1 / 2 ** 20
     lines = [f"[megams] pipeline partition ({method}, {len(costs)} stages, micro-batch {micro_batch} x "
-             f"{micro_batches} per step; memory = model states + activations of the micro-batches in flight, "
-             f"without activation checkpointing):"]
+             f"{micro_batches} per step; cost = FLOPs + per-layer overhead, its share predicts the stage's time; "
+             f"memory = model states + activations of the micro-batches in flight, without activation checkpointing):"]
     for s, c in enumerate(costs):
         lines.append(
             f"  stage {s}: units {c.first:>2}-{c.last:<2} [{_short_names(c.names)}] scales {c.scales} | "
-            f"{c.flops * micro_batch / 1e9:8.3f} GFLOP/micro-batch ({100 * c.flops / total:5.1f}%) | "
+            f"{c.flops * micro_batch / 1e9:8.3f} GFLOP/micro-batch, cost {100 * c.cost / total:5.1f}% | "
             f"params {c.params / 1e6:7.3f}M | memory ~{(c.model_bytes + c.activation_bytes) * mib:8.1f} MiB "
             f"({c.model_bytes * mib:.1f} model + {c.activation_bytes * mib:.1f} act x{c.in_flight})")
-    worst = max(c.flops for c in costs)
+    worst = max(c.cost for c in costs)
     lines.append(f"  predicted balance: slowest stage / mean = {worst * len(costs) / total:.3f}")
     return "\n".join(lines)

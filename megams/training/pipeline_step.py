@@ -111,8 +111,9 @@ class StageTimer:
 
         timer = StageTimer(engine); engine.train_batch(it); timer.steps[-1] -> {"ForwardPass": s, ..., "window": s}
 
-    `window` is from the start of the step to the end of its last backward pass (the pipelined
-    part, before the gradient reductions and the optimizer step).
+    `window` is from the start of the step to the end of this rank's last forward / backward pass
+    (the pipelined part, before the gradient reductions and the optimizer step); `start` and
+    `last_compute_end` are the same two moments as `time.perf_counter()` values.
     """
 
     def __init__(self, engine):
@@ -132,6 +133,7 @@ class StageTimer:
             self._t0 = time.perf_counter()
             out = original(*args, **kwargs)
             self._current["total"] = time.perf_counter() - self._t0
+            self._current["start"] = self._t0
             self.steps.append(dict(self._current))
             self._current = None
             return out
@@ -147,5 +149,6 @@ class StageTimer:
                 self._current[name] += end - t
                 if name == self._backward or name == "ForwardPass":
                     self._current["window"] = end - self._t0
+                    self._current["last_compute_end"] = end
             return out
         return run
