@@ -3,15 +3,16 @@
 Each measured layout runs in fresh local ranks (gloo on CPU, one thread each unless told
 otherwise) started by `spawn_ranks`; a worker returns a dict per rank.
 
-- `stage_balance`: a pipeline trained for a few steps on random tokens, each rank's per-step
-  time in DeepSpeed's ForwardPass + BackwardPass instructions (its compute) from `StageTimer`,
-  beside the cost model's predicted share; `isolated_stage_times` times the same stages one
-  after another in one process (no other stage competing for the cores).
-- `bubble`: the idle fraction of every stage, 1 - (forward + backward time) / (time from the
-  start of the step to the end of its last backward pass), against (p - 1) / (m + p - 1).
-- `memory`: peak resident memory of every rank of a data-parallel run with a given activation
-  checkpointing mode and ZeRO stage (VmHWM reset just before the model is built, read after
-  the timed steps).
+- `pipeline_worker`: a pipeline trained for a few steps on random tokens; per rank its compute
+  (time in DeepSpeed's ForwardPass + BackwardPass instructions, from `StageTimer`) and its idle
+  fraction, 1 - compute / the pipelined window (first stage starting the step .. last forward /
+  backward of any stage), to set against (p - 1) / (m + p - 1).
+- `isolated_stage_times` / `unit_times`: the same stages (or every unit) timed one after another
+  in one process, nothing else competing for the cores; `fit_overhead` fits the partition's
+  per-layer overhead to the unit times.
+- `memory_worker`: peak resident memory of a rank of a data-parallel run with a given activation
+  checkpointing mode and ZeRO stage (VmHWM reset just before the model is built; the steps after
+  the first measured separately).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import os
 import socket
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 MiB = 2 ** 20
 
@@ -323,9 +324,3 @@ def machine_line() -> str:
     return (f"{platform.node() or 'host'}: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
             f"torch {torch.__version__}")
 
-
-def optional(v: Optional[float], f: str = "{:.3f}") -> str:
-    return "-" if v is None else f.format(v)
-
-
-Result = Dict[str, float]

@@ -366,11 +366,15 @@ def model_factors(model_cfg) -> List[int]:
 
 
 def model_state_bytes_per_param(cfg, dp: int) -> float:
-    """Weights + gradients + AdamW states per parameter on one rank (ZeRO-1 shards the optimizer part)."""
-    bf16 = cfg.training.precision == "bf16" and cfg.parallel.zero_stage >= 1
-    weights_grads = (2 + 2 + 4) if bf16 else (4 + 4)   # bf16: low-precision weights and grads + fp32 grad accumulation
-    optimizer = (4 + 8) if bf16 else 8                   # (fp32 master copy +) Adam's two moments
-    return weights_grads + optimizer / (dp if cfg.parallel.zero_stage >= 1 else 1)
+    """Weights + gradients + AdamW states per parameter on one rank, as DeepSpeed holds them (an
+    estimate): ZeRO-0 16 bytes; ZeRO-1 keeps full weights and gradients and, per data rank, an fp32
+    copy of its partition, its reduced gradient partition and the two Adam moments (so in fp32 it
+    only pays off beyond dp = 2, as docs/PIPELINE.md measures); bf16 adds fp32 gradient accumulation."""
+    if cfg.parallel.zero_stage == 0:
+        return 16.0
+    if cfg.training.precision == "bf16":
+        return 2 + 2 + 4 + (4 + 8) / dp
+    return 4 + 4 + (4 + 4 + 8) / dp
 
 
 def partition_report(plan: PipelinePlan, cfg, dims, micro_batches: Optional[int] = None) -> str:
