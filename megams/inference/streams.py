@@ -33,21 +33,6 @@ class BlockStream:
         return x
 
 
-def _pool(sh, groups: torch.Tensor) -> torch.Tensor:
-    """Shorten's pooling of groups [B, m, k, d] -> [B, m, d] (as in megams.models.scales.Shorten)."""
-    B, m, k, d = groups.shape
-    if sh.kind == "avg":
-        return groups.mean(dim=2)
-    if sh.kind == "linear":
-        return sh.proj(groups.reshape(B, m, k * d))
-    g = groups.reshape(B * m, k, d)
-    q = g.mean(dim=1, keepdim=True)
-    pos = torch.arange(k, device=groups.device)
-    out = q + sh.attn(sh.norm1(q), sh.norm1(g), causal=False, q_pos=pos[-1:], k_pos=pos)
-    out = out + sh.mlp(sh.norm2(out))
-    return out.view(B, m, d)
-
-
 class ShortenStream:
     """Coarse j pools fine positions j*k-k+1 .. j*k (the shift right by k-1, padded in front)."""
 
@@ -66,7 +51,7 @@ class ShortenStream:
             B, d = x.shape[0], x.shape[-1]
             pad = x.new_zeros(d) if self.sh.pad is None else self.sh.pad.to(x.dtype)
             group = [pad.expand(B, d)] * missing + group
-        return _pool(self.sh, torch.stack(group, dim=1)[:, None])
+        return self.sh.pool(torch.stack(group, dim=1)[:, None])
 
 
 class UpsampleStream:

@@ -41,14 +41,18 @@ class Shorten(nn.Module):
         k, m = self.k, n // self.k
         front = x.new_zeros(B, k - 1, d) if self.pad is None else self.pad.to(x.dtype).expand(B, k - 1, d)
         x = torch.cat([front, x[:, :n - k + 1]], dim=1)  # shifted: group j holds fine j*k-k+1 .. j*k
-        groups = x.view(B, m, k, d)
+        return self.pool(x.view(B, m, k, d))
+
+    def pool(self, groups: torch.Tensor) -> torch.Tensor:
+        """[B, m, k, d] groups of k (already shifted) -> [B, m, d]; also used by cached decoding."""
+        B, m, k, d = groups.shape
         if self.kind == "avg":
             return groups.mean(dim=2)
         if self.kind == "linear":
             return self.proj(groups.reshape(B, m, k * d))
         g = groups.reshape(B * m, k, d)
         q = g.mean(dim=1, keepdim=True)
-        pos = torch.arange(k, device=x.device)  # members at 0..k-1, the query at the group's end
+        pos = torch.arange(k, device=groups.device)  # members at 0..k-1, the query at the group's end
         out = q + self.attn(self.norm1(q), self.norm1(g), causal=False, q_pos=pos[-1:], k_pos=pos)
         out = out + self.mlp(self.norm2(out))
         return out.view(B, m, d)
