@@ -32,7 +32,8 @@ from megams.checkpoint.serialization import DeepSpeedObject, load_shard
 from megams.checkpoint.zero import merge_zero12, merge_zero3
 
 META_FILE = "megams.json"
-FORMAT = "megams-checkpoint/1"
+FORMAT = "megams-checkpoint/2"
+FORMATS = ("megams-checkpoint/1", FORMAT)  # /1: before the manifest (files then only pass the pickle scan)
 
 
 @dataclass
@@ -92,9 +93,10 @@ def read_meta(ckpt: str) -> dict:
             meta = json.load(f)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{meta_path}: not a megams checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") not in FORMATS:
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise CheckpointError(f"{meta_path}: not a megams checkpoint (format {got!r}, expected {FORMAT!r})")
+        raise CheckpointError(f"{meta_path}: not a megams checkpoint (format {got!r}, expected one of "
+                              f"{', '.join(FORMATS)})")
     for key in ("step", "config", "layout"):
         if key not in meta:
             raise CheckpointError(f"{meta_path}: not a megams checkpoint (no {key!r} entry)")
@@ -269,11 +271,14 @@ def _assemble(record: dict, per_rank: Dict[int, dict], tp_size: int, where: str)
     return out
 
 
-def read_checkpoint(path: str, optimizer: bool = False) -> TrainingState:
+def read_checkpoint(path: str, optimizer: bool = False, checksums: bool = True) -> TrainingState:
     """Every shard of a training checkpoint (any dp / tp / pp / ZeRO stage / precision) -> full fp32
-    tensors under the plain model's names (+ AdamW moments with `optimizer=True`)."""
+    tensors under the plain model's names (+ AdamW moments with `optimizer=True`). Every file is first
+    checked against the checkpoint's manifest (sizes, sha256 unless `checksums=False`)."""
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
+    from megams.checkpoint.manifest import verify
+    verify(ckpt, meta, checksums=checksums)
     try:
         record = parameter_record(meta)
     except CheckpointError as e:

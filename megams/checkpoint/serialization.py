@@ -2,7 +2,7 @@
 
 DeepSpeed's optimizer files pickle a few of its own classes (`ZeroStageEnum`, `LossScaler`,
 `fragment_address`) next to the tensors. `load_shard` reads them with `torch.load(weights_only=True)`,
-standing in an inert record (`DeepSpeedObject`) for every `deepspeed.*` global the file names; any
+standing in an inert record (`DeepSpeedObject`) for each of those (`manifest.ALLOWED_GLOBALS`); any
 other non-tensor global is refused. So reading a training checkpoint runs no code from the file and
 works where deepspeed is not installed.
 """
@@ -41,10 +41,11 @@ def _stand_ins(path: str) -> list:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except (RuntimeError, zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError) as e:
         raise truncated(path, e) from None
-    foreign = [n for n in names if not n.startswith("deepspeed.")]
+    from megams.checkpoint.manifest import ALLOWED_GLOBALS
+    foreign = [n for n in names if n not in ALLOWED_GLOBALS]
     if foreign:
         raise CheckpointError(f"{path}: refusing to load: the file pickles objects other than tensors and "
-                              f"DeepSpeed records ({', '.join(foreign)})")
+                              f"the DeepSpeed records megams allows ({', '.join(sorted(foreign))})")
     return [(DeepSpeedObject, n) for n in names]
 
 

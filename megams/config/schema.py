@@ -247,6 +247,14 @@ class TrainingConfig(_Strict):
     compile: bool = False
     exit_interval: int = Field(0, ge=0, description="stop (with a checkpoint) once the global step is a multiple of "
                                "this, like Megatron's --exit-interval; 0 = run to max_steps. For time-limited jobs.")
+    on_nonfinite: Literal["skip", "stop"] = Field(
+        "skip", description="a NaN/inf loss or gradient on any rank: skip the update (weights and optimizer state "
+        "unchanged, the batch consumed, counted in metrics.jsonl) or stop (exit code 4) after saving the last good "
+        "state to checkpoints/nonfinite_step_N")
+    max_consecutive_nonfinite: int = Field(5, ge=1, description="with on_nonfinite=skip: stop like on_nonfinite=stop "
+                                           "once this many steps in a row were skipped")
+    collective_timeout_s: float = Field(600.0, gt=0, description="a collective that waits longer ends the run "
+                                        "(exit code 5) with a message naming the ranks that stopped progressing")
 
 
 class CheckpointConfig(_Strict):
@@ -254,6 +262,9 @@ class CheckpointConfig(_Strict):
     keep_last: int = Field(2, ge=1)
     resume: bool = True
     load_from: Optional[str] = Field(None, description="start from this checkpoint (another layout or a plain-torch directory)")
+    verify: Literal["checksum", "size"] = Field(
+        "checksum", description="before loading, check every file against the manifest: sha256 + size, or size only "
+        "(faster for huge checkpoints); files not in the manifest are refused either way")
 
 
 class LoggingConfig(_Strict):

@@ -52,11 +52,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, dp_size: int, mode: str, mpu=None):
+def build_engine(cfg: Config, model: torch.nn.Module, dp_size: int, mode: str, mpu=None, guard=None):
+    """`guard`: a megams.training.nonfinite.NonFiniteGuard put on the torch optimizer (skips NaN/inf steps)."""
     import deepspeed
     o = cfg.optimizer
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     warm, total, floor = cfg.warmup_steps(), cfg.training.max_steps, o.min_lr_ratio
+    if guard is not None:  # before the scheduler, which wraps optimizer.step itself
+        guard.attach(opt)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, warm, total, floor))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, mpu=mpu,

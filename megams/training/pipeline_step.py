@@ -2,7 +2,7 @@
 
     pipe = PipelineTraining(cfg, layout)
     engine, scheduler = pipe.build_engine(model, loss_fn, mode)   # model: plain, after apply_tp / apply_ac
-    loss = pipe.train_step(engine, train.micro_batches(step), autocast)   # one optimizer step, 1F1B
+    loss = pipe.train_step(engine, train.next(), autocast)   # one optimizer step, 1F1B
     val_loss = pipe.evaluate(engine, eval_batches, autocast)
 
 The step consumes the same layout-independent micro-batches as the non-pipeline loop
@@ -63,13 +63,13 @@ class PipelineTraining:
         self.cfg, self.layout = cfg, layout
         self.micro_batches = cfg.grad_accum_steps(layout.dp)
 
-    def build_engine(self, model, loss_fn, mode: str):
+    def build_engine(self, model, loss_fn, mode: str, guard=None):
         """The PipelineModule over `model`'s stages and DeepSpeed's PipelineEngine around it.
         Drop every other reference to `model` afterwards: non-local layers are then freed."""
         from megams.parallel.pipeline import build_pipeline
         from megams.training.engine import build_engine
         pipe = build_pipeline(model, self.layout.dims, self.cfg, loss_fn, micro_batches=self.micro_batches)
-        engine, _, scheduler = build_engine(self.cfg, pipe, self.layout.dp, mode, mpu=None)
+        engine, _, scheduler = build_engine(self.cfg, pipe, self.layout.dp, mode, mpu=None, guard=guard)
         if not engine.zero_optimization() and not engine.bfloat16_enabled():
             engine.clip_fp32_gradients = types.MethodType(_clip_pipeline_grads, engine)
         return engine, scheduler

@@ -5,7 +5,12 @@ drain (then SIGKILL after KillWait), or SIGUSR1 ahead of the time limit when the
 it (`#SBATCH --signal=USR1@120`). The signal reaches each rank at a different moment, so the
 handler only sets a flag; once per optimizer step every rank all-reduces (MAX) its flag, and
 all of them see the same answer at the same step. The trainer then saves a checkpoint, calls
-`requeue()` and exits 0; the requeued job resumes from that checkpoint.
+`requeue()` and exits 75 (`exit_codes.PREEMPTED`); the requeued job resumes from that checkpoint.
+
+A second stop signal while the first is being handled exits at once with 128 + its number (the
+user or the scheduler insists; the last complete checkpoint stays `latest`). The same signal
+delivered twice within `DUPLICATE_WINDOW_S` counts once: srun and a forwarding launcher (the
+deepspeed launcher under SLURM) can each deliver one announcement.
 
     handler = PreemptionHandler()
     handler.install()
@@ -23,20 +28,31 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+DUPLICATE_WINDOW_S = 2.0
 
 
 class PreemptionHandler:
     def __init__(self, signals=STOP_SIGNALS):
         self.signals = tuple(signals)
         self.received: int | None = None  # the first stop signal this rank got
+        self._received_at = 0.0
         self._previous: dict = {}
 
-    # -- signal side: set a flag, nothing else -------------------------------------------------
+    # -- signal side: set a flag (a second, distinct signal: exit now) ---------------------------
     def _on_signal(self, signum, frame) -> None:
+        now = time.monotonic()
         if self.received is None:
-            self.received = signum
+            self.received, self._received_at = signum, now
+            return
+        if signum == self.received and now - self._received_at < DUPLICATE_WINDOW_S:
+            return  # the same announcement delivered twice
+        name = signal.Signals(signum).name
+        os.write(2, f"[megams] second stop signal ({name}) while stopping: exiting now; the last complete "
+                    f"checkpoint stays latest\n".encode())
+        os._exit(128 + signum)
 
     def install(self) -> "PreemptionHandler":
         """Catch SIGTERM and SIGUSR1 (main thread only, as Python requires)."""

@@ -45,7 +45,15 @@ def _user_error_types():
     return (ConfigError, DataError, CheckpointError)
 
 
+class NonFiniteStop(RuntimeError):
+    """The run stopped on a NaN/inf loss or gradient (exit code 4)."""
+
+
 def main(argv=None) -> int:
+    """Exit codes: megams.training.exit_codes (0 done, 2 bad input, 3 save failed, 4 NaN/inf,
+    5 collective failure, 75 preempted)."""
+    from megams.training import exit_codes
+    from megams.training.checkpoint import CheckpointSaveError
     args = parse_args(sys.argv[1:] if argv is None else argv)
     trainer = None
     try:
@@ -53,10 +61,26 @@ def main(argv=None) -> int:
         trainer = Trainer(cfg)
         return trainer.run()
     except _user_error_types() as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        if trainer is not None:
-            trainer.shutdown()
-        return 2
+        return _fail(trainer, str(e), exit_codes.BAD_INPUT)
+    except CheckpointSaveError as e:
+        return _fail(trainer, f"checkpoint not saved at step {trainer.step}: {e}", exit_codes.SAVE_FAILED)
+    except NonFiniteStop as e:
+        return _fail(trainer, str(e), exit_codes.NONFINITE)
+    except Exception as e:  # noqa: BLE001 - only a failed collective is handled here; the rest re-raises
+        from megams.distributed.watchdog import describe_failure, is_comm_failure
+        if trainer is None or not trainer.distributed_started or not is_comm_failure(e):
+            raise
+        msg = describe_failure(e, trainer.board, trainer.step, trainer.cfg.training.collective_timeout_s)
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(exit_codes.COMM_FAILURE)  # peers are gone or hung: tearing the process group down could hang
+
+
+def _fail(trainer, message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    if trainer is not None:
+        trainer.shutdown()
+    return code
 
 
 def _shutdown():
@@ -72,6 +96,9 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.owns_process_group = False
+        self.distributed_started = False
+        self.board = None  # megams.distributed.watchdog.ProgressBoard: who reached which step
+        self.step = 0
 
     def shutdown(self) -> None:
         """End the process group we started (barrier first: gloo may abort at exit otherwise)."""
@@ -95,8 +122,13 @@ class Trainer:
             torch.cuda.set_device(le.local_rank)
         import deepspeed
         import torch.distributed as dist
+        from datetime import timedelta
         self.owns_process_group = not dist.is_initialized()  # tests may start it for us
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False,
+                                   timeout=timedelta(seconds=self.cfg.training.collective_timeout_s))
+        self.distributed_started = True
+        from megams.distributed.watchdog import ProgressBoard
+        self.board = ProgressBoard.from_default_group()
         if le.rank == 0:
             print(le.describe() + f" threads/rank={threads} device={self.device}", flush=True)
         p = self.cfg.parallel
@@ -153,6 +185,7 @@ class Trainer:
         from megams.training.engine import build_engine, precision_mode
         from megams.training.metrics import MetricsLog, Progress
         from megams.training.mfu import peak_flops
+        from megams.training.nonfinite import NonFiniteGuard
 
         c = self.cfg
         layout = self._init_distributed()
@@ -170,28 +203,33 @@ class Trainer:
         else:
             torch.manual_seed(c.training.seed + layout.dp_rank)
         model, loss_fn = self._build_model(layout)
+        guard = NonFiniteGuard()
+        loss_fn = guard.watch_loss(loss_fn)
         plain_names = {id(p): n for n, p in model.named_parameters()}  # pipeline stages rename parameters
         n_params = _param_count(model, layout)
         self.pipeline = None
         if layout.pp > 1:  # the model cut into stages, trained by engine.train_batch (1F1B)
             from megams.training.pipeline_step import PipelineTraining
             self.pipeline = PipelineTraining(c, layout)
-            engine, scheduler = self.pipeline.build_engine(model, loss_fn, mode)
+            engine, scheduler = self.pipeline.build_engine(model, loss_fn, mode, guard=guard)
             del model  # the other stages' layers can be freed
         else:
-            engine, _, scheduler = build_engine(c, model, layout.dp, mode, mpu=getattr(layout.dims, "mpu", None))
+            engine, _, scheduler = build_engine(c, model, layout.dp, mode, mpu=getattr(layout.dims, "mpu", None),
+                                                guard=guard)
         from megams.checkpoint.reshard import describe_layout, start_from
         recorded = describe_layout(engine, c, layout, plain_names)  # how parameters are split: megams.json
         train = GlobalBatches(data.train, c.data.seq_len, c.training.global_batch_size, c.training.micro_batch_size,
                               layout.dp_rank, layout.dp)
 
         step = 0
+        skips = {"total": 0, "consecutive": 0}  # steps skipped on a NaN/inf (training.on_nonfinite=skip)
         metrics = MetricsLog(run_dir, enabled=is_main, tensorboard=c.logging.tensorboard)
         latest = ckpt.latest_checkpoint(run_dir) if c.checkpoint.resume else None
         if latest:
-            meta = ckpt.load(engine, latest)
+            meta = ckpt.load(engine, latest, checksums=c.checkpoint.verify == "checksum")
             step = meta["step"]
             train.load_state_dict(meta["data"])
+            skips.update(meta.get("nonfinite_skips", {}))
             metrics.truncate_after(step)
             if is_main:
                 print(f"[megams] resumed from {latest} at step {step}", flush=True)
@@ -200,6 +238,9 @@ class Trainer:
                                           log=lambda m: is_main and print(m, flush=True))
             if data_state:
                 train.load_state_dict(data_state)
+        if train.consumed_samples == 0 and step > 0:  # checkpoints that did not record the data position
+            train.consumed_samples = step * c.training.global_batch_size
+        self.step = step
         if step >= c.training.max_steps:
             if is_main:
                 print(f"[megams] run already at training.max_steps={c.training.max_steps}; checkpoint: {latest}")
@@ -218,11 +259,19 @@ class Trainer:
                            f"dp={layout.dp} tp={layout.tp} pp={layout.pp} zero={c.parallel.zero_stage} "
                            f"precision={mode} grad_accum={gas} run_dir={run_dir}")
 
-        def meta_for(s):
-            return {"format": "megams-checkpoint/1", "step": s, "data": train.state_dict(), "config": dump_config(c),
+        def meta_for(s, data_state=None):
+            state = data_state or train.state_dict()
+            return {"step": s, "data": state, "consumed_samples": state["consumed_samples"],
+                    "consumed_tokens": state["consumed_samples"] * c.data.seq_len, "nonfinite_skips": dict(skips),
+                    "config": dump_config(c),
                     "layout": {"world": layout.world, "dp": layout.dp, "tp": layout.tp, "pp": layout.pp,
                                "zero_stage": c.parallel.zero_stage, "precision": c.training.precision},
                     "tokenizer": data.tokenizer.fingerprint, "parameters": recorded}
+
+        size_estimate = _checkpoint_estimate(n_params, c, mode)
+
+        def save(s, meta, **kw):
+            return ckpt.save(engine, run_dir, s, meta, c.checkpoint.keep_last, size_estimate=size_estimate, **kw)
 
         last_ckpt = latest
         own_norm = c.parallel.zero_stage == 0 and mode in ("fp32", "autocast_bf16") and self.pipeline is None
@@ -231,11 +280,12 @@ class Trainer:
         while step < c.training.max_steps:
             t0 = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
+            batches = train.next()
             if self.pipeline is not None:
-                loss_val = self.pipeline.train_step(engine, train.micro_batches(step), autocast, self.device)
+                loss_val = self.pipeline.train_step(engine, batches, autocast, self.device)
             else:
                 loss_sum = torch.zeros((), dtype=torch.float64)
-                for inputs, targets in train.micro_batches(step):
+                for inputs, targets in batches:
                     inputs, targets = inputs.to(self.device), targets.to(self.device)
                     with autocast:
                         logits = engine(inputs)
@@ -247,16 +297,28 @@ class Trainer:
                     loss_sum += loss.detach().double().cpu()
                 loss_val = _dp_mean(loss_sum / gas, layout)  # mean over the global batch
             step += 1
+            self.step = step
             dt = time.perf_counter() - t0
             if not own_norm:
                 gnorm = engine.get_global_grad_norm()
             gnorm = float(gnorm) if gnorm is not None else None
-            if is_main and (step % c.logging.interval == 0 or step == c.training.max_steps):
+            event = guard.pop()
+            skips["consecutive"] = skips["consecutive"] + 1 if event else 0
+            skips["total"] += bool(event)
+            if is_main and (event or step % c.logging.interval == 0 or step == c.training.max_steps):
                 tps = tokens_per_step / dt
                 achieved = flops_tok * tps / layout.world
-                metrics.write({"step": step, "loss": loss_val, "lr": lr, "grad_norm": gnorm,
-                               "tokens_per_s": tps, "tflops": achieved / 1e12, "mfu": achieved / peak,
-                               "peak_mem_bytes": _peak_mem(self.device), "step_time_s": dt})
+                rec = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": gnorm,
+                       "tokens_per_s": tps, "tflops": achieved / 1e12, "mfu": achieved / peak,
+                       "peak_mem_bytes": _peak_mem(self.device), "step_time_s": dt,
+                       "consumed_tokens": train.consumed_samples * c.data.seq_len, "skipped_steps": skips["total"]}
+                if event:
+                    rec.update(skipped=True, nonfinite=event.describe())
+                metrics.write(rec)
+            if event:
+                self._on_nonfinite(event, step, skips, save, meta_for, train, progress, is_main)
+            if self.board is not None:
+                self.board.report(step)
             progress.update(loss=loss_val, lr=lr)
             last = step == c.training.max_steps
             if (c.training.eval_interval and step % c.training.eval_interval == 0) or last:
@@ -264,7 +326,7 @@ class Trainer:
             stop = preempt.stop_requested() if preempt else False
             exit_now = bool(c.training.exit_interval) and step % c.training.exit_interval == 0 and not last
             if last or stop or exit_now or (c.checkpoint.interval and step % c.checkpoint.interval == 0):
-                last_ckpt = ckpt.save(engine, run_dir, step, meta_for(step), c.checkpoint.keep_last)
+                last_ckpt = save(step, meta_for(step))
             if exit_now:
                 if is_main:
                     progress.write(f"[megams] training.exit_interval: stopped at step {step}, checkpoint {last_ckpt}")
@@ -275,9 +337,11 @@ class Trainer:
                 if is_main:
                     progress.write(f"[megams] preemption signal: stopped at step {step}, checkpoint {last_ckpt}")
                 progress.close()
+                metrics.close()
                 preempt.requeue()
                 self.shutdown()
-                return 0
+                from megams.training.exit_codes import PREEMPTED
+                return PREEMPTED
         progress.close()
         metrics.close()
         if is_main:
@@ -286,6 +350,27 @@ class Trainer:
             print(f"[megams] checkpoint: {last_ckpt}", flush=True)
         self.shutdown()
         return 0
+
+    def _on_nonfinite(self, event, step, skips, save, meta_for, train, progress, is_main) -> None:
+        """A skipped step: carry on (on_nonfinite=skip, under the consecutive limit), or save the last
+        good state (the weights before this step, the data position before its batch) and stop."""
+        c = self.cfg.training
+        what = f"{event.describe()} at step {step}"
+        if c.on_nonfinite == "skip" and skips["consecutive"] < c.max_consecutive_nonfinite:
+            if is_main:
+                progress.write(f"[megams] {what}: update skipped ({skips['consecutive']} in a row, "
+                               f"{skips['total']} in total; limit training.max_consecutive_nonfinite="
+                               f"{c.max_consecutive_nonfinite})")
+            return
+        why = ("training.on_nonfinite=stop" if c.on_nonfinite == "stop" else
+               f"{skips['consecutive']} steps in a row skipped (training.max_consecutive_nonfinite="
+               f"{c.max_consecutive_nonfinite})")
+        data_state = dict(train.state_dict(), consumed_samples=train.consumed_samples - c.global_batch_size)
+        meta = dict(meta_for(step - 1, data_state), stopped_at_step=step, nonfinite=event.describe())
+        path = save(step - 1, meta, tag=f"nonfinite_step_{step:08d}", make_latest=False)
+        progress.close()
+        raise NonFiniteStop(f"{what} ({why}): stopped; the last good state (after step {step - 1}) is saved in "
+                            f"{path}")
 
     def _evaluate(self, engine, data, loss_fn, layout, autocast, step, metrics, progress):
         import torch
@@ -344,6 +429,13 @@ def _param_count(model, layout) -> int:
         from megams.parallel.tensor_parallel import parameter_count
         return parameter_count(model)
     return sum(p.numel() for p in model.parameters())
+
+
+def _checkpoint_estimate(n_params: int, cfg, mode: str) -> int:
+    """Bytes of a first checkpoint, before one exists to measure: fp32 weights + AdamW's two
+    moments (+ bf16 weights next to the fp32 master)."""
+    per_param = 12 + (2 if mode == "ds_bf16" else 0)
+    return n_params * per_param
 
 
 def _peak_mem(device: str) -> int:
