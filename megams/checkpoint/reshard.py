@@ -3,6 +3,7 @@ the layout of this one. Called by the trainer with a live DeepSpeed engine.
 
     recorded = describe_layout(engine, cfg, layout, plain_names)   # collective; -> megams.json "parameters"
     step, data_state = start_from(engine, scheduler, cfg, layout, recorded, source, log)
+    check_resume(meta, cfg, layout, ckpt)                          # before resuming a run in place
 
 How `start_from` works: every rank reads the source (any dp / tp / pp / ZeRO stage / precision, or a
 plain-torch directory) into full fp32 tensors by plain-model name (`reader.read_checkpoint`), cuts
@@ -67,14 +68,56 @@ def _source_state(source: str):
     return state, state.params, state.model_config, desc
 
 
-def _check_model(source_model: dict, cfg, source: str) -> None:
+def _model_difference(source_model: dict, cfg) -> str:
+    """'' when the models have the same parameters, else the first differing fields, there vs here."""
     from megams.config import dump_config
     mine = dump_config(cfg)["model"]
     keys = sorted(set(mine) | set(source_model), key=lambda k: (k != "type", k))  # the type first
     diff = [k for k in keys if k not in FREE_MODEL_FIELDS and mine.get(k) != source_model.get(k)]
+    return ", ".join(f"model.{k}={source_model.get(k)!r} there, {mine.get(k)!r} here" for k in diff[:4])
+
+
+def _check_model(source_model: dict, cfg, source: str) -> None:
+    shown = _model_difference(source_model, cfg)
+    if shown:
+        raise CheckpointError(f"checkpoint.load_from: {source}: a different model ({shown})")
+
+
+# --- resuming in place ------------------------------------------------------------------------------
+def _layout_fields(lay: dict) -> dict:
+    """What decides which files DeepSpeed writes and how their tensors are split: resume needs these
+    equal. The data-parallel size only matters when ZeRO partitions the optimizer over it; the precision
+    only where DeepSpeed keeps other state for it (ZeRO >= 1 bf16 files, fp16 loss scaling)."""
+    zero, precision = int(lay.get("zero_stage", 0)), lay.get("precision", "fp32")
+    out = {"tp": int(lay.get("tp", 1)), "pp": int(lay.get("pp", 1)), "zero_stage": zero}
+    if zero >= 1:
+        out.update(dp=int(lay.get("dp", 1)), precision=precision)
+    elif precision == "fp16":
+        out["precision"] = precision
+    return out
+
+
+def check_resume(meta: dict, cfg, layout, ckpt: str) -> None:
+    """Before DeepSpeed loads `ckpt` to resume this run in place (checkpoint.resume): the same model,
+    and a layout whose files DeepSpeed reads as they are. Otherwise DeepSpeed fails deep inside (a
+    missing file, a size mismatch) or loads the wrong thing: refuse, naming both, and point to
+    checkpoint.load_from, which reshards. Raises CheckpointError; call it on every rank before loading."""
+    shown = _model_difference(meta["config"]["model"], cfg)
+    if shown:
+        raise CheckpointError(f"checkpoint.resume: {ckpt}: a different model ({shown}): resume with the model it "
+                              "was saved with, or use a new training.run_dir")
+    saved = meta["layout"]
+    here = {"dp": layout.dp, "tp": layout.tp, "pp": layout.pp, "zero_stage": cfg.parallel.zero_stage,
+            "precision": cfg.training.precision}
+    a, b = _layout_fields(saved), _layout_fields(here)
+    keys = [k for k in ("dp", "tp", "pp", "zero_stage", "precision") if k in a or k in b]
+    diff = [k for k in keys if saved.get(k, 1 if k in ("tp", "pp") else None) != here[k]]
     if diff:
-        shown = ", ".join(f"model.{k}={source_model.get(k)!r} there, {mine.get(k)!r} here" for k in diff[:4])
-        raise CheckpointError(f"checkpoint.load_from {source}: a different model ({shown})")
+        there = " ".join(f"{k}={saved.get(k)}" for k in diff)
+        mine = " ".join(f"{k}={here[k]}" for k in diff)
+        raise CheckpointError(f"checkpoint.resume: {ckpt}: saved with layout {there}, this run has {mine} (resuming "
+                              f"in place needs the same layout): start a new training.run_dir with "
+                              f"checkpoint.load_from={ckpt}, which reshards")
 
 
 # --- this rank's piece of a full tensor --------------------------------------------------------------
@@ -170,7 +213,13 @@ def _set_schedule(engine, scheduler, step: int, global_batch: int) -> None:
 def start_from(engine, scheduler, cfg, layout, record: dict, source: str,
                log: Callable[[str], None] = print) -> Tuple[int, Optional[dict]]:
     """Load `source` into this run's engine (see the module docstring). Returns (step, data state)."""
-    state, params, source_model, desc = _source_state(source)
+    if not os.path.exists(source):
+        raise CheckpointError(f"checkpoint.load_from: {source}: no such directory (expected a training run or "
+                              "checkpoint directory, or a model directory written by tools/convert_checkpoint.py)")
+    try:
+        state, params, source_model, desc = _source_state(source)
+    except CheckpointError as e:
+        raise CheckpointError(f"checkpoint.load_from: {e}") from None
     _check_model(source_model, cfg, source)
     dims = layout.dims
     tp_rank, tp = (dims.tp_rank, dims.tp_size) if dims else (0, 1)
@@ -184,7 +233,7 @@ def start_from(engine, scheduler, cfg, layout, record: dict, source: str,
     for name, plain, shape, dim, _ in mine["params"]:
         plain = tied.get(plain, plain)
         if plain not in params:
-            raise CheckpointError(f"checkpoint.load_from {source}: has no parameter {plain}")
+            raise CheckpointError(f"checkpoint.load_from: {source}: has no parameter {plain}")
         p = by_name[name]
         writer.weights(p, local_piece(params[plain], shape, dim, tp_rank, tp))
         if carry_opt:

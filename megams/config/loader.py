@@ -33,7 +33,7 @@ def format_validation_error(err: ValidationError, source: str = "config") -> str
     lines = []
     for e in err.errors():
         loc = tuple(str(p) for p in e["loc"])
-        where = ".".join(loc) if loc else "(top level)"
+        where = ".".join(loc)  # empty for cross-section checks: their message names the fields
         if e["type"] == "extra_forbidden":
             owner = _model_at(loc)
             accepted = ", ".join(owner.model_fields) if owner else "?"
@@ -45,7 +45,7 @@ def format_validation_error(err: ValidationError, source: str = "config") -> str
         got = e.get("input")
         if e["type"] not in ("value_error", "missing") and not isinstance(got, (dict, list)):
             msg += f" (got {got!r})"
-        lines.append(f"{where}: {msg}")
+        lines.append(f"{where}: {msg}" if where else msg)
     return f"invalid {source}: " + "; ".join(lines)
 
 

@@ -109,7 +109,10 @@ def build_data(data_cfg, seq_len: int, seed: int, is_rank_zero: bool = True,
     """Resolve, tokenize (rank 0, once, cached) and open the configured data; cut it into windows of
     seq_len + 1. `barrier()` is called exactly once on every rank, between tokenizing and opening."""
     cfg = data_cfg
-    tokenizer = load_tokenizer(cfg.tokenizer)
+    try:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    except DataError as e:
+        raise DataError(f"data.tokenizer: {e}") from None
     if cfg.blend:
         configured = [(b.path, f"data.blend[{i}].path", b.weight) for i, b in enumerate(cfg.blend)]
     else:

@@ -39,6 +39,9 @@ class GPTDataset:
         self.start = start
         self.end = indexed.n_tokens if end is None else end
         self.n_windows = max(0, (self.end - self.start) // (seq_len + 1))
+        meta = getattr(indexed, "meta", None)
+        vocab = meta.get("vocab_size") if isinstance(meta, dict) else None
+        self.vocab_size = vocab if isinstance(vocab, int) else None  # every id read is checked against it
         self._perms: dict = {}
 
     def __len__(self) -> int:
@@ -49,7 +52,15 @@ class GPTDataset:
 
     def window(self, i: int) -> np.ndarray:
         s = self.window_start(i)
-        return np.asarray(self.indexed.tokens[s:s + self.seq_len + 1], dtype=np.int64)
+        w = np.asarray(self.indexed.tokens[s:s + self.seq_len + 1], dtype=np.int64)
+        vocab = self.vocab_size
+        if vocab is not None and w.size and (w.max() >= vocab or w.min() < 0):
+            # a corrupted .bin: fail naming it, not with an index error deep inside the embedding
+            bad = int(np.flatnonzero((w >= vocab) | (w < 0))[0])
+            raise DataError(f"{self.indexed.prefix}.bin: token id {int(w[bad])} at token {s + bad} is outside the "
+                            f"vocabulary [0, {vocab}) its index records (a corrupted file? expected ids written by "
+                            "tools/preprocess_data.py)")
+        return w
 
     def permutation(self, epoch: int) -> np.ndarray:
         perm = self._perms.get(epoch)

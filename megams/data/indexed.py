@@ -8,8 +8,9 @@ PREFIX.idx  header  "<8sIIQQ": magic b"MEGAMSID", version (1), dtype code (1 uin
             int64[n]      UTF-8 bytes of each source document (bits-per-byte is exact, whatever the tokenizer)
             metadata      JSON: tokenizer name + fingerprint, vocab_size, eod_id, append_eod, source, ...
 
-Opening checks the magic, the version, and that the sizes agree with each other and with the .bin length,
-so a truncated or foreign file fails at once with a DataError naming it.
+Opening checks the magic, the version, that the dtype can hold the recorded vocabulary, and that the sizes
+agree with each other and with the .bin length, so a truncated or foreign file fails at once with a DataError
+naming it. Token ids are checked against the vocabulary when windows are read (`GPTDataset.window`).
 """
 from __future__ import annotations
 
@@ -152,9 +153,18 @@ class IndexedDataset:
         if self.doc_offsets[0] != 0 or np.any(np.diff(self.doc_offsets) < 0):
             raise DataError(f"{idx_path}: corrupted index (document offsets are not increasing from 0)")
         self.dtype = _DTYPES[code]
+        vocab = self.meta.get("vocab_size") if isinstance(self.meta, dict) else None
+        if isinstance(vocab, int) and self.dtype.kind == "u" and vocab > 1 << (8 * self.dtype.itemsize):
+            raise DataError(f"{idx_path}: dtype mismatch: {self.dtype.name} tokens cannot hold the vocab_size={vocab} "
+                            f"its metadata records (expected {dtype_for_vocab(vocab).name})")
         n_tokens = int(self.doc_offsets[-1])
         bin_size = os.path.getsize(bin_path)
         if bin_size != n_tokens * self.dtype.itemsize:
+            other = [dt for dt in _DTYPES.values() if dt != self.dtype and bin_size == n_tokens * dt.itemsize > 0]
+            if other:  # the sizes agree for another dtype: an index written for another .bin, or an edited header
+                raise DataError(f"{idx_path}: dtype mismatch: the index says {self.dtype.name} tokens, but {bin_path} "
+                                f"holds {bin_size} bytes = {n_tokens} tokens of {other[0].name} (expected the .idx "
+                                "written together with this .bin)")
             raise DataError(f"{bin_path}: truncated or corrupted ({bin_size} bytes, the index says {n_tokens} tokens "
                             f"of {self.dtype.itemsize} byte(s) = {n_tokens * self.dtype.itemsize})")
         # np.memmap refuses empty files

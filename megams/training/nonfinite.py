@@ -11,13 +11,17 @@ ranks), so it sees exactly what would be applied:
     event = guard.pop()                     #   every rank skips, or every rank updates
 
 On a bad step the optimizer's `step` returns without touching weights or moments (AdamW's own
-step count included), so the state stays the last good one; DeepSpeed then zeroes the gradients
-and advances its LR scheduler as usual (the schedule follows the step count, the batch is
-consumed). The agreement is a sum over all ranks of a one-hot vector, so the event names the
-ranks that saw a non-finite loss or gradient. Every rank calls the optimizer's step once per
-global step in all DeepSpeed paths megams uses; DeepSpeed's fp16 overflow skip never reaches it
-(and is loss scaling, not an invalid loss). ZeRO-3 with several sub-groups per rank decides on
-the first sub-group's call and applies the decision to the rest of the step.
+step count included), so the state stays the last good one, and it raises the optimizer's
+`overflow` flag, which DeepSpeed's engine reads: it zeroes the gradients, counts the step in
+`engine.skipped_steps` and does not advance the LR scheduler — exactly what DeepSpeed's ZeRO
+optimizers do themselves when their own gradient-norm check finds a NaN/inf (they then never call
+the torch optimizer). `pop(engine)` reports both kinds: a skip the guard decided, with the ranks
+that saw a non-finite loss or gradient (the agreement is a sum over all ranks of a one-hot
+vector), and a skip DeepSpeed decided, with the ranks that saw a non-finite loss. The batch is
+consumed and the step counter advances either way. Every rank calls the optimizer's step once
+per global step in all DeepSpeed paths megams uses (ZeRO-1/2 once per param group, ZeRO-3 once
+per sub-group: the first call decides for the step). With fp16, DeepSpeed's overflow skips are
+loss scaling at work and are not reported.
 """
 from __future__ import annotations
 
@@ -34,8 +38,16 @@ import torch.distributed as dist
 class NonFiniteEvent:
     ranks_loss: List[int] = field(default_factory=list)   # ranks that saw a NaN/inf loss
     ranks_grad: List[int] = field(default_factory=list)   # ranks that saw a NaN/inf gradient
+    by_deepspeed: bool = False                             # DeepSpeed's own gradient-norm check skipped it
 
     def describe(self) -> str:
+        if self.by_deepspeed:
+            grads = "gradients (found by DeepSpeed's gradient-norm check)"
+            if self.ranks_loss:
+                return f"non-finite loss on rank(s) {', '.join(map(str, self.ranks_loss))} and {grads}"
+            return f"non-finite {grads}"
+        if self.ranks_loss and self.ranks_loss == self.ranks_grad:
+            return f"non-finite loss and gradients on rank(s) {', '.join(map(str, self.ranks_loss))}"
         parts = []
         if self.ranks_loss:
             parts.append(f"loss on rank(s) {', '.join(map(str, self.ranks_loss))}")
@@ -58,6 +70,8 @@ class NonFiniteGuard:
         self._decided: Optional[bool] = None   # this step's decision (ZeRO-3 calls step per sub-group)
         self._event: Optional[NonFiniteEvent] = None
         self.optimizer = None
+        self.report_engine_skips = True   # False with fp16 (dynamic loss scaling skips on purpose)
+        self._engine_skips = 0
 
     # -- what this rank sees ---------------------------------------------------------------------
     def watch_loss(self, loss_fn):
@@ -81,41 +95,55 @@ class NonFiniteGuard:
         def step(opt, *args, **kwargs):
             if guard._decided is None:
                 guard._decided = guard._agree(opt)
+            opt.overflow = guard._decided  # read by DeepSpeed's engine when this is its optimizer
             if guard._decided:
                 return None  # skipped: weights, moments and AdamW's step count unchanged
             return original(*args, **kwargs)
 
         optimizer.step = types.MethodType(step, optimizer)  # a bound method, as LR schedulers expect
+        optimizer.overflow = False
         self.optimizer = optimizer
         return self
 
     def _agree(self, optimizer) -> bool:
         grads = [p.grad for g in optimizer.param_groups for p in g["params"]]
-        grad_bad = _nonfinite(grads)
+        flags = self._gather_flags(self.loss_bad, _nonfinite(grads))
+        self.loss_bad = False
+        if int(flags.sum()) == 0:
+            return False
+        self._event = NonFiniteEvent(ranks_loss=_where(flags[0]), ranks_grad=_where(flags[1]))
+        return True
+
+    @staticmethod
+    def _gather_flags(loss_bad: bool, grad_bad: bool) -> torch.Tensor:
+        """[2, world] int: row 0 the ranks with a bad loss, row 1 with bad gradients (collective)."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             world, rank = dist.get_world_size(), dist.get_rank()
             device = "cpu"
             if dist.get_backend() == "nccl":
                 device = f"cuda:{torch.cuda.current_device()}"
             flags = torch.zeros(2, world, dtype=torch.int32, device=device)
-            flags[0, rank] = int(self.loss_bad)
+            flags[0, rank] = int(loss_bad)
             flags[1, rank] = int(grad_bad)
             dist.all_reduce(flags)
-            flags = flags.cpu()
-        else:
-            flags = torch.tensor([[int(self.loss_bad)], [int(grad_bad)]])
-        self.loss_bad = False
-        if int(flags.sum()) == 0:
-            return False
-        self._event = NonFiniteEvent(ranks_loss=[int(r) for r in torch.nonzero(flags[0]).flatten()],
-                                     ranks_grad=[int(r) for r in torch.nonzero(flags[1]).flatten()])
-        return True
+            return flags.cpu()
+        return torch.tensor([[int(loss_bad)], [int(grad_bad)]])
 
-    def pop(self) -> Optional[NonFiniteEvent]:
-        """After the optimizer step: the event of a skipped step (the same on every rank), or None."""
+    def pop(self, engine=None) -> Optional[NonFiniteEvent]:
+        """After the optimizer step (every rank): the event of a skipped step, the same on every
+        rank, or None. With `engine`, a skip DeepSpeed decided on its own is reported too."""
         event, self._event, self._decided = self._event, None, None
+        skipped = int(getattr(engine, "skipped_steps", 0) or 0)
+        if event is None and skipped > self._engine_skips and self.report_engine_skips:
+            flags = self._gather_flags(self.loss_bad, False)  # every rank saw the same skip: collective is safe
+            event = NonFiniteEvent(ranks_loss=_where(flags[0]), by_deepspeed=True)
+        self._engine_skips = skipped
         self.loss_bad = False
         return event
+
+
+def _where(row: torch.Tensor) -> List[int]:
+    return [int(r) for r in torch.nonzero(row).flatten()]
 
 
 def is_finite_number(x) -> bool:

@@ -204,6 +204,7 @@ class Trainer:
             torch.manual_seed(c.training.seed + layout.dp_rank)
         model, loss_fn = self._build_model(layout)
         guard = NonFiniteGuard()
+        guard.report_engine_skips = c.training.precision != "fp16"
         loss_fn = guard.watch_loss(loss_fn)
         plain_names = {id(p): n for n, p in model.named_parameters()}  # pipeline stages rename parameters
         n_params = _param_count(model, layout)
@@ -302,7 +303,7 @@ class Trainer:
             if not own_norm:
                 gnorm = engine.get_global_grad_norm()
             gnorm = float(gnorm) if gnorm is not None else None
-            event = guard.pop()
+            event = guard.pop(engine)
             skips["consecutive"] = skips["consecutive"] + 1 if event else 0
             skips["total"] += bool(event)
             if is_main and (event or step % c.logging.interval == 0 or step == c.training.max_steps):
