@@ -89,7 +89,11 @@ def _shutdown():
         try:
             dist.barrier()
         finally:
-            dist.destroy_process_group()
+            import deepspeed.comm
+            if deepspeed.comm.is_initialized():  # also drops DeepSpeed's cached groups: a later run
+                deepspeed.comm.destroy_process_group()  # in this process starts clean
+            else:
+                dist.destroy_process_group()
 
 
 class Trainer:
