@@ -302,7 +302,8 @@ class Config(_Strict):
         """Gradient accumulation = global batch / (micro batch x data-parallel size)."""
         mb, gb = self.training.micro_batch_size, self.training.global_batch_size
         if gb % (mb * dp_size):
-            raise ValueError(
+            from megams.config.loader import ConfigError  # a user error (the loader imports this module)
+            raise ConfigError(
                 f"training.global_batch_size={gb} is not divisible by training.micro_batch_size={mb} x "
                 f"data-parallel size {dp_size} = {mb * dp_size}")
         return gb // (mb * dp_size)

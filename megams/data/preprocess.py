@@ -11,6 +11,7 @@ import collections
 import itertools
 import multiprocessing
 import os
+import signal
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -31,6 +32,13 @@ def _init_worker(tokenizer_spec: str, append_eod: bool) -> None:
     global _worker_tokenizer, _worker_append_eod
     _worker_tokenizer = load_tokenizer(tokenizer_spec)
     _worker_append_eod = append_eod
+
+
+def _init_pool_worker(tokenizer_spec: str, append_eod: bool) -> None:
+    # A forked worker inherits the parent's signal handlers (the trainer's preemption handler turns
+    # SIGTERM into a flag): restore the default, or Pool.terminate() cannot end it and join() hangs.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _init_worker(tokenizer_spec, append_eod)
 
 
 def _encode_chunk(documents: List[str]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -91,7 +99,7 @@ def preprocess_documents(documents: Iterable[str], output_prefix: str, tokenizer
     chunks = _chunks(documents)
     pool = None
     if workers > 1:  # started before tqdm's monitor thread exists: a clean fork
-        pool = _pool_context().Pool(workers, initializer=_init_worker, initargs=(tokenizer_spec, append_eod))
+        pool = _pool_context().Pool(workers, initializer=_init_pool_worker, initargs=(tokenizer_spec, append_eod))
         results = _ordered_map(pool, _encode_chunk, chunks, ahead=2 * workers)
     else:
         _init_worker(tokenizer_spec, append_eod)

@@ -50,7 +50,7 @@ class PreemptionHandler:
         if signum == self.received and now - self._received_at < DUPLICATE_WINDOW_S:
             return  # the same announcement delivered twice
         name = signal.Signals(signum).name
-        os.write(2, f"[megams] second stop signal ({name}) while stopping: exiting now; the last complete "
+        os.write(2, f"error: a second stop signal ({name}) while stopping: exited at once; the last complete "
                     f"checkpoint stays latest\n".encode())
         os._exit(128 + signum)
 

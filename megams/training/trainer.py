@@ -102,10 +102,16 @@ class Trainer:
         self.owns_process_group = False
         self.distributed_started = False
         self.board = None  # megams.distributed.watchdog.ProgressBoard: who reached which step
+        self.preempt = None
         self.step = 0
 
     def shutdown(self) -> None:
         """End the process group we started (barrier first: gloo may abort at exit otherwise)."""
+        if self.board is not None:
+            self.board.stop_heartbeat()
+        if self.preempt is not None:  # main() may run again in this process (tests, notebooks)
+            self.preempt.uninstall()
+            self.preempt = None
         if self.owns_process_group:
             _shutdown()
 
@@ -127,12 +133,18 @@ class Trainer:
         import deepspeed
         import torch.distributed as dist
         from datetime import timedelta
+
+        from megams.distributed.watchdog import set_group_timeout
         self.owns_process_group = not dist.is_initialized()  # tests may start it for us
+        timeout = timedelta(seconds=self.cfg.training.collective_timeout_s)
+        set_group_timeout(timeout)  # the groups DeepSpeed and megams.parallel create later too
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False,
-                                   timeout=timedelta(seconds=self.cfg.training.collective_timeout_s))
+                                   timeout=timeout)
         self.distributed_started = True
         from megams.distributed.watchdog import ProgressBoard
         self.board = ProgressBoard.from_default_group()
+        if self.board is not None and le.world_size > 1:
+            self.board.start_heartbeat(min(10.0, max(1.0, self.cfg.training.collective_timeout_s / 10)))
         if le.rank == 0:
             print(le.describe() + f" threads/rank={threads} device={self.device}", flush=True)
         p = self.cfg.parallel
@@ -199,7 +211,6 @@ class Trainer:
         run_dir = os.path.abspath(c.training.run_dir)
         if is_main:
             os.makedirs(run_dir, exist_ok=True)
-            _write_config(run_dir, c)
         data = self._build_data(layout)
         if layout.dims is not None:  # dropout: the same on tensor ranks, different on data ranks
             from megams.parallel.random import seed_parallel_rng
@@ -231,11 +242,12 @@ class Trainer:
         metrics = MetricsLog(run_dir, enabled=is_main, tensorboard=c.logging.tensorboard)
         latest = ckpt.latest_checkpoint(run_dir) if c.checkpoint.resume else None
         if latest:
+            from megams.checkpoint.reshard import check_resume
+            check_resume(ckpt.read_meta(latest), c, layout, latest)  # same model and layout, or a clear error
             meta = ckpt.load(engine, latest, checksums=c.checkpoint.verify == "checksum")
             step = meta["step"]
             train.load_state_dict(meta["data"])
             skips.update(meta.get("nonfinite_skips", {}))
-            metrics.truncate_after(step)
             if is_main:
                 print(f"[megams] resumed from {latest} at step {step}", flush=True)
         elif c.checkpoint.load_from:  # another layout, or a plain-torch directory (megams.checkpoint.reshard)
@@ -246,6 +258,9 @@ class Trainer:
         if train.consumed_samples == 0 and step > 0:  # checkpoints that did not record the data position
             train.consumed_samples = step * c.training.global_batch_size
         self.step = step
+        metrics.truncate_after(step)  # records past the starting step (a killed run's) are about to be redone
+        if is_main:  # only once the run is accepted: a refused start leaves the run directory as it was
+            _write_config(run_dir, c)
         if step >= c.training.max_steps:
             if is_main:
                 print(f"[megams] run already at training.max_steps={c.training.max_steps}; checkpoint: {latest}")
@@ -258,7 +273,7 @@ class Trainer:
         flops_tok = flops_per_token(c.model, c.data.seq_len)
         peak = peak_flops(c.training.precision, self.device)
         progress = Progress(c.training.max_steps, step, enabled=is_main and c.logging.progress_bar)
-        preempt = _preemption_handler()
+        preempt = self.preempt = _preemption_handler()
         if is_main:
             progress.write(f"[megams] {c.model.type}: {n_params:,} params, "
                            f"dp={layout.dp} tp={layout.tp} pp={layout.pp} zero={c.parallel.zero_stage} "

@@ -34,43 +34,20 @@ def test_overrides_are_typed_and_repeatable():
     assert cfg.training.max_steps == 12 and cfg.model.norm == "rmsnorm" and cfg.optimizer.betas == [0.9, 0.99]
 
 
+# Unknown keys, wrong types, ranges, cross-field rules, bad --set syntax and missing / malformed files
+# are catalogue entries, run through launch/pretrain.py's main (docs/ERRORS.md, tests/errors/).
 @pytest.mark.parametrize("override,message", [
-    ("model.type=transformerxl",
-     "model.type: Input should be 'vanilla', 'bottom_up', 'top_down' or 'retina' (got 'transformerxl')"),
-    ("model.colour=blue", "model.colour: unknown key (accepted keys here: type, vocab_size,"),
-    ("training.max_steps=ten", "training.max_steps: Input should be a valid integer, unable to parse string as an integer (got 'ten')"),
     ("training.max_steps=0", "training.max_steps: Input should be greater than 0 (got 0)"),
     ("training.precision=fp8", "training.precision: Input should be 'fp32', 'bf16' or 'fp16' (got 'fp8')"),
-    ("parallel.zero_stage=4", "parallel.zero_stage: Input should be less than or equal to 3 (got 4)"),
-    ("data.seq_len=250", "data.seq_len=250 is not divisible by the product of model.shorten_factors [4, 4] = 16"),
-    ("training.global_batch_size=12", "training.global_batch_size=12 is not a multiple of training.micro_batch_size=8"),
-    ("model.n_heads=3", "d_model=128 must be divisible by n_heads=3"),
     ("model.shorten_factors=[4, 1]", "model.shorten_factors: every factor must be an integer >= 2, got [4, 1]"),
-    ("bogus", "override 'bogus' must look like key.sub=value"),
+    ("data.seq_len=250", "invalid config %s: data.seq_len=250 is not divisible by the product of "
+                         "model.shorten_factors [4, 4] = 16" % TINY[1]),  # a cross-section rule: no field prefix
 ])
 def test_bad_values_name_the_field_and_what_was_expected(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(TINY[1], [override])
     assert message in str(e.value)
     assert "\n" not in str(e.value)
-
-
-def test_pipeline_with_zero_2_is_refused_clearly():
-    with pytest.raises(ConfigError, match="DeepSpeed refuses ZeRO-2/3 with pipeline parallelism"):
-        load_config(TINY[0], ["parallel.pipeline=2", "parallel.zero_stage=2"])
-
-
-def test_missing_and_malformed_files(tmp_path):
-    with pytest.raises(ConfigError, match=r"config file .*nope.yaml: not found"):
-        load_config(str(tmp_path / "nope.yaml"))
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("model: [1, 2\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
-        load_config(str(bad))
-    lst = tmp_path / "list.yaml"
-    lst.write_text("- 1\n- 2\n")
-    with pytest.raises(ConfigError, match="expected a mapping of sections at top level, got list"):
-        load_config(str(lst))
 
 
 def test_grad_accum_and_warmup_semantics():

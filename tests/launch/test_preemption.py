@@ -94,3 +94,40 @@ def test_all_ranks_agree_on_the_stop_step():
     agree, quiet = run_ranks(2, [(case_agree, (1, 3)), (case_no_signal, ())], timeout=120)
     assert agree == [(3, False), (3, True)]
     assert quiet == [[False] * 3, [False] * 3]
+
+
+SECOND_SIGNAL = """
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+from megams.training.preemption import PreemptionHandler
+h = PreemptionHandler().install()
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep({gap})
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.5)
+print("still running", h.signal_name(), flush=True)
+"""
+
+
+def _second_signal(gap):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return subprocess.run([sys.executable, "-c", SECOND_SIGNAL.format(root=root, gap=gap)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_runtime__second_signal():
+    """A second SIGTERM while stopping (2.1 s after the first): exit 128+15 at once, one error line."""
+    from tests.errors.catalogue import entry, outcome
+    p = _second_signal(2.1)
+    assert p.returncode == 128 + signal.SIGTERM and "still running" not in p.stdout, (p.returncode, p.stdout)
+    lines = p.stderr.strip().splitlines()
+    assert lines == ["error: a second stop signal (SIGTERM) while stopping: exited at once; the last complete "
+                     "checkpoint stays latest"]
+    entry("runtime.second_signal").check(outcome(p.returncode, lines), "SIGTERM")
+
+
+def test_the_same_signal_delivered_twice_at_once_counts_once():
+    p = _second_signal(0.05)
+    assert p.returncode == 0 and p.stdout == "still running SIGTERM\n" and p.stderr == ""

@@ -18,6 +18,7 @@ import torch
 from megams.checkpoint import manifest as mf
 from megams.training import checkpoint as ckpt
 from megams.training.trainer import main
+from tests.errors.catalogue import entry, outcome
 from tests.helpers.multiproc import run_ranks
 from tests.training.common import ROOT, losses, tiny_args
 
@@ -137,8 +138,9 @@ TAMPER = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(TAMPER))
-def test_resume_refuses_a_damaged_checkpoint_before_deepspeed_reads_it(reference, tmp_path, case, monkeypatch):
+def _refused(reference, tmp_path, monkeypatch, case):
+    """Damage a copy of the reference run's latest checkpoint, resume: refused before DeepSpeed opens
+    any file, with the expected message, and nothing in the run directory touched."""
     run_dir = _copy(reference, tmp_path)
     name, tamper, message = TAMPER[case]
     ck = os.path.join(run_dir, "checkpoints", "step_00000006")
@@ -149,22 +151,48 @@ def test_resume_refuses_a_damaged_checkpoint_before_deepspeed_reads_it(reference
     opened = []
     import deepspeed.runtime.engine as ds_engine
     monkeypatch.setattr(ds_engine.DeepSpeedEngine, "load_checkpoint", lambda *a, **k: opened.append(a))
-    rc, _, errors = _main(_args(run_dir, steps=8))
+    rc, out, errors = _main(_args(run_dir, steps=8))
     assert rc == 2 and errors == ["error: " + message.format(path=path, dir=ck, size=size, half=size // 2)]
     assert not opened  # refused before DeepSpeed (which unpickles with weights_only=False) saw any file
     after = _tree_digest(os.path.join(run_dir, "checkpoints")), _tree_digest(os.path.join(run_dir, "metrics.jsonl"))
     assert after == before  # nothing touched
+    return outcome(rc, errors, out), path
 
 
-def test_latest_naming_an_incomplete_checkpoint_is_an_error(reference, tmp_path):
+def test_integrity__checksum_mismatch(reference, tmp_path, monkeypatch):
+    result, path = _refused(reference, tmp_path, monkeypatch, "same_size_corruption")
+    entry("integrity.checksum_mismatch").check(result, path)
+
+
+def test_integrity__size_mismatch(reference, tmp_path, monkeypatch):
+    result, path = _refused(reference, tmp_path, monkeypatch, "truncated_shard")
+    entry("integrity.size_mismatch").check(result, path)
+
+
+def test_integrity__file_added(reference, tmp_path, monkeypatch):
+    result, path = _refused(reference, tmp_path, monkeypatch, "file_added_later")
+    entry("integrity.file_added").check(result, os.path.join(os.path.dirname(path), "extra.pt"))
+
+
+def test_integrity__crafted_pickle(reference, tmp_path, monkeypatch):
+    result, path = _refused(reference, tmp_path, monkeypatch, "crafted_pickle")
+    entry("integrity.crafted_pickle").check(result, path, "posix.system")
+
+
+def test_a_missing_file_is_named(reference, tmp_path, monkeypatch):
+    _refused(reference, tmp_path, monkeypatch, "missing_file")
+
+
+def test_integrity__latest_incomplete(reference, tmp_path):
     run_dir = _copy(reference, tmp_path)
     pointer = os.path.join(run_dir, "checkpoints", "latest")
     with open(pointer, "w") as f:
         f.write("step_00000099")
-    rc, _, errors = _main(_args(run_dir, steps=8))
+    rc, out, errors = _main(_args(run_dir, steps=8))
     assert rc == 2 and errors == [
         f"error: {pointer}: names 'step_00000099', which is not a complete checkpoint (no megams.json); point it at "
         f"a complete step_* directory or remove it to start afresh"]
+    entry("integrity.latest_incomplete").check(outcome(rc, errors, out), pointer)
 
 
 def test_rotation_keeps_the_newest_and_never_the_one_latest_names(tmp_path):
@@ -230,7 +258,9 @@ def case_disk_full_on_rank1(rank, world, run_dir):
     return first, tmp_left, latest, second
 
 
-def test_disk_full_during_a_save_two_ranks(tmp_path):
+def test_integrity__disk_full(tmp_path):
+    """Two ranks, ZeRO-1; rank 1 alone hits ENOSPC: both report it, exit 3, the partial checkpoint is
+    gone, `latest` still names step 2, and the same command then resumes from it."""
     run_dir = str(tmp_path / "run")
     (r0, r1) = run_ranks(2, [(case_disk_full_on_rank1, (run_dir,))], timeout=300)[0]
     root = os.path.join(run_dir, "checkpoints")
@@ -240,6 +270,7 @@ def test_disk_full_during_a_save_two_ranks(tmp_path):
         assert errors[0].startswith(f"error: checkpoint not saved at step 4: {root}: no space left on device while "
                                     f"writing a checkpoint ([Errno 28] No space left on device")
         assert tmp_left == [] and latest == "step_00000002"
+        entry("integrity.disk_full").check(outcome(rc, errors), root, "No space left on device")
     rc, out, errors = r0[3]
     assert rc == 0 and f"resumed from {root}/step_00000002 at step 2" in out
     from tests.training.common import read_metrics
@@ -257,7 +288,7 @@ def small_tmpfs(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-def test_a_real_full_filesystem_is_refused_before_writing(small_tmpfs):
+def test_integrity__not_enough_space(small_tmpfs):
     """A 2.2 MB tmpfs holds the step-2 checkpoint (0.8 MB) but not a second one next to it."""
     run_dir = os.path.join(small_tmpfs, "run")
     rc, _, errors = _main(_args(run_dir))
@@ -266,6 +297,26 @@ def test_a_real_full_filesystem_is_refused_before_writing(small_tmpfs):
     assert errors[0].startswith(f"error: checkpoint not saved at step 4: {root}: not enough free space for a "
                                 f"checkpoint: about ")
     assert errors[0].endswith("MiB free (nothing was written; the previous checkpoint is intact)")
+    entry("integrity.not_enough_space").check(outcome(rc, errors), root)
     assert sorted(os.listdir(root)) == ["latest", "step_00000002"]
     good = ckpt.latest_checkpoint(run_dir)
     mf.verify(good, ckpt.read_meta(good))
+
+
+def test_megams_never_unpickles_or_yaml_loads_unsafely():
+    """Every torch.load in megams/ and tools/ passes weights_only=True; YAML is read with safe_load."""
+    import re as _re
+    bad = []
+    for top in ("megams", "tools", "launch"):
+        for d, _, files in os.walk(os.path.join(ROOT, top)):
+            for name in files:
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.join(d, name)
+                with open(path) as f:
+                    text = f.read()
+                for m in _re.finditer(r"torch\.load\(([^()]*(\([^()]*\))?)*\)", text):
+                    if "weights_only=True" not in m.group(0):
+                        bad.append(f"{path}: {m.group(0)}")
+                bad += [f"{path}: yaml.{m}" for m in _re.findall(r"yaml\.(load|unsafe_load|full_load)\(", text)]
+    assert bad == []

@@ -12,6 +12,7 @@ import torch
 
 from megams.checkpoint import read_checkpoint
 from megams.training.trainer import main
+from tests.errors.catalogue import entry, outcome
 from tests.helpers.multiproc import run_ranks
 from tests.training.common import inject_nonfinite, read_metrics, tiny_args
 
@@ -70,7 +71,7 @@ def test_skip_leaves_weights_and_moments_unchanged(one_rank):
     assert s4.meta["nonfinite_skips"] == {"total": 1, "consecutive": 0}
 
 
-def test_consecutive_skips_stop_the_run(one_rank):
+def test_runtime__nonfinite_repeated(one_rank):
     runs, res = one_rank
     run = runs["limit"]
     rc, out, errors = res["limit"]
@@ -78,6 +79,7 @@ def test_consecutive_skips_stop_the_run(one_rank):
     assert rc == 4 and errors == [
         f"error: non-finite gradients on rank(s) 0 at step 3 (2 steps in a row skipped "
         f"(training.max_consecutive_nonfinite=2)): stopped; the last good state (after step 2) is saved in {dump}"]
+    entry("runtime.nonfinite_repeated").check(outcome(rc, errors, out), dump)
     good = read_checkpoint(dump)
     assert good.step == 2 and good.meta["stopped_at_step"] == 3
     assert good.meta["data"]["consumed_samples"] == 2 * 4  # the bad batch is not counted as consumed
@@ -86,7 +88,7 @@ def test_consecutive_skips_stop_the_run(one_rank):
         assert f.read() == "step_00000002"  # the dump is for inspection, never resumed from
 
 
-def test_stop_policy_two_ranks_zero1(tmp_path):
+def test_runtime__nonfinite_stop(tmp_path):
     """Rank 1 alone sees the NaN at step 3: both ranks stop there, exit code 4, one message."""
     loss_run, grad_run = str(tmp_path / "loss"), str(tmp_path / "grad")
     extra = ["parallel.zero_stage=1", "training.on_nonfinite=stop"]
@@ -99,4 +101,5 @@ def test_stop_policy_two_ranks_zero1(tmp_path):
         assert r0[0] == r1[0] == 4, (r0, r1)
         assert r0[2] == r1[2] == [f"error: non-finite {what} at step 3 (training.on_nonfinite=stop): stopped; "
                                   f"the last good state (after step 2) is saved in {dump}"]
+        entry("runtime.nonfinite_stop").check(outcome(r0[0], r0[2], r0[1]), dump)
         assert _same(read_checkpoint(dump).params, read_checkpoint(_ckpt(run, "step_00000002")).params)
