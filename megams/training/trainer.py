@@ -83,6 +83,15 @@ def _fail(trainer, message: str, code: int) -> int:
     return code
 
 
+def _forget_deepspeed_topology():
+    """DeepSpeed keeps the last engine's mpu (a pipeline grid, a tensor-parallel mpu) in a global; a
+    later engine in this process without one would pick it up."""
+    import sys as _sys
+    groups = _sys.modules.get("deepspeed.utils.groups")
+    if groups is not None:
+        groups.mpu = None
+
+
 def _shutdown():
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
@@ -114,6 +123,8 @@ class Trainer:
             self.preempt = None
         if self.owns_process_group:
             _shutdown()
+        else:  # the caller's process group lives on; DeepSpeed's record of this run's topology must not
+            _forget_deepspeed_topology()
 
     # -- set-up ---------------------------------------------------------------------------
     def _init_distributed(self) -> Layout:

@@ -103,3 +103,39 @@ def test_runtime__nonfinite_stop(tmp_path):
                                   f"the last good state (after step 2) is saved in {dump}"]
         entry("runtime.nonfinite_stop").check(outcome(r0[0], r0[2], r0[1]), dump)
         assert _same(read_checkpoint(dump).params, read_checkpoint(_ckpt(run, "step_00000002")).params)
+
+
+# (zero stage, precision, pipeline): every pair of values of two factors appears (pipelines take ZeRO 0-1)
+MATRIX = [(0, "fp32", 2), (1, "bf16", 2), (0, "bf16", 1), (2, "fp32", 1), (2, "bf16", 1), (3, "fp32", 1),
+          (3, "bf16", 1), (1, "fp32", 1)]
+
+
+def case_skip_matrix(rank, world, base):
+    out = []
+    for zero, precision, pp in MATRIX:
+        run_dir = os.path.join(base, f"z{zero}-{precision}-pp{pp}")
+        extra = [f"parallel.zero_stage={zero}", f"training.precision={precision}", f"parallel.pipeline={pp}",
+                 "checkpoint.interval=1", "checkpoint.keep_last=10", "logging.interval=1"]
+        undo = inject_nonfinite(None, steps={2}, grad_accum=4 // (2 * (world // pp)), kind="loss", ranks={1})
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                rc = main(tiny_args("bottom_up", run_dir, steps=4, extra=extra))
+        finally:
+            undo()
+        out.append(rc)
+    return out
+
+
+def test_skip_across_zero_stages_precisions_and_pipelines(tmp_path):
+    """A NaN loss on rank 1 at step 2 is skipped on every rank in every DeepSpeed path: the weights
+    after step 2 are those after step 1, and training goes on."""
+    codes = run_ranks(2, [(case_skip_matrix, (str(tmp_path),))], timeout=600)[0]
+    assert codes == [[0] * len(MATRIX)] * 2, codes
+    for zero, precision, pp in MATRIX:
+        run_dir = str(tmp_path / f"z{zero}-{precision}-pp{pp}")
+        steps, _ = read_metrics(run_dir)
+        assert [r.get("skipped", False) for r in steps] == [False, True, False, False], (zero, precision, pp, steps)
+        assert "non-finite loss on rank(s) 1" in steps[1]["nonfinite"], steps[1]
+        s1, s2, s3 = (read_checkpoint(_ckpt(run_dir, f"step_0000000{i}")) for i in (1, 2, 3))
+        assert _same(s1.params, s2.params), (zero, precision, pp)
+        assert not _same(s2.params, s3.params), (zero, precision, pp)
