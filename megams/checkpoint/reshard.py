@@ -61,7 +61,11 @@ def _source_state(source: str):
         cfg = read_config(source)
         tensors, f = read_weights(source)
         return None, {n: t.float() for n, t in tensors.items()}, cfg.model_dump(mode="json"), f"plain-torch model {f}"
-    state = read_checkpoint(source, optimizer=True)
+    from megams.checkpoint.reader import resolve_checkpoint
+    from megams.training.checkpoint import verify
+    ckpt = resolve_checkpoint(source)
+    verify(ckpt)  # collective: each rank hashes its share of the files, then every rank reads them all
+    state = read_checkpoint(ckpt, optimizer=True, checksums=False)  # sizes + pickle scan again, no re-hash
     lay = state.layout
     desc = (f"{state.path} (step {state.step}; layout dp={lay['dp']} tp={lay.get('tp', 1)} pp={lay.get('pp', 1)} "
             f"zero_stage={lay['zero_stage']} precision={lay['precision']})")

@@ -128,7 +128,9 @@ def _ranks(ranks) -> str:
 
 def describe_failure(err: BaseException, board: Optional[ProgressBoard], step: int, timeout_s: float) -> str:
     """One line: what failed, and which ranks stopped progressing (from the board)."""
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if len(first) > 200:
+        first = first[:200].rsplit(" ", 1)[0] + " ..."
     head = (f"a collective failed at step {step + 1} (timeout {timeout_s:g} s; training.collective_timeout_s): "
             f"{first}")
     if board is None:
@@ -168,7 +170,7 @@ def describe_failure(err: BaseException, board: Optional[ProgressBoard], step: i
             text += f", no heartbeat for {now - rec['beat']:.0f} s"
         parts.append(text)
     ahead = [r for r in steps if r not in lagging]
-    tail = f"; ranks {_ranks(ahead)} reached step {top}" if ahead else ""
+    tail = f"; rank{'s' if len(ahead) > 1 else ''} {_ranks(ahead)} reached step {top}" if ahead else ""
     return f"{head}; stopped progressing: {'; '.join(parts)}{tail} — hung or dead"
 
 

@@ -94,7 +94,7 @@ def test_runtime__collective_timeout(tmp_path):
     assert len(errors) == 1 and "Traceback" not in out, out[-3000:]
     m = re.fullmatch(rf"error: a collective failed at step (\d+) \(timeout {TIMEOUT} s; training.collective_timeout_s\)"
                      rf": .*; stopped progressing: rank 1 \(\S+ pid {pid1}\) last finished step (\d+) \d+ s ago, "
-                     rf"no heartbeat for (\d+) s; ranks 0 reached step (\d+) — hung or dead", errors[0])
+                     rf"no heartbeat for (\d+) s; rank 0 reached step (\d+) — hung or dead", errors[0])
     assert m, errors[0]
     failed_at, last1, silent, top = map(int, m.groups())
     assert last1 <= top == failed_at - 1 and silent >= TIMEOUT - 2 and waited < TIMEOUT + 30
