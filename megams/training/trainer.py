@@ -30,8 +30,13 @@ class Layout:
     dims: object = None
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one `error:` line and exit code 2 through main(), not argparse's usage dump
+        raise ConfigError(f"{message} (usage: pretrain.py --config FILE [--set KEY=VALUE ...])")
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="pretrain.py", description="Pretrain a (multi-scale) transformer LM with megams.")
+    p = _ArgumentParser(prog="pretrain.py", description="Pretrain a (multi-scale) transformer LM with megams.")
     p.add_argument("--config", required=True, help="YAML config file (see configs/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set training.max_steps=10 (repeatable)")
@@ -54,9 +59,9 @@ def main(argv=None) -> int:
     5 collective failure, 75 preempted)."""
     from megams.training import exit_codes
     from megams.training.checkpoint import CheckpointSaveError
-    args = parse_args(sys.argv[1:] if argv is None else argv)
     trainer = None
     try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
         cfg = load_config(args.config, args.set)
         trainer = Trainer(cfg)
         return trainer.run()
@@ -177,7 +182,8 @@ class Trainer:
         bundle, err = None, None
         if layout.rank == 0:  # rank 0 tokenizes text sources into the cache first
             try:
-                bundle = build_data(c.data, c.data.seq_len, c.training.seed, is_rank_zero=True)
+                bundle = build_data(c.data, c.data.seq_len, c.training.seed, is_rank_zero=True,
+                                    progress=c.logging.progress_bar)
             except DataError as e:
                 err = e
         flag = torch.tensor([1.0 if err else 0.0])

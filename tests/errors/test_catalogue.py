@@ -47,6 +47,13 @@ def test_config__missing_file(entry, capsys, tmp_path, trained_run):
     entry.check(out, str(nope), "not found")
 
 
+def test_config__bad_arguments(entry, capsys):
+    out = run_trainer(capsys, ["--set", "training.max_steps=3"])
+    entry.check(out, "the following arguments are required: --config")
+    out = run_trainer(capsys, ["--config", "x.yaml", "--stps", "3"])
+    entry.check(out, "unrecognized arguments: --stps 3")
+
+
 def test_config__invalid_yaml(entry, capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [1, 2\n")
