@@ -37,6 +37,12 @@ ALLOWED_GLOBALS = frozenset({
     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
     "deepspeed.utils.tensor_fragment.fragment_address",
 })
+# megams-checkpoint/1 pickled numpy's RNG state (an ndarray) in rng/rank_*.pt. megams itself loads those
+# files (torch.load(weights_only=True) allowing exactly these), DeepSpeed never does: allowed there only.
+NUMPY_ARRAY_GLOBALS = frozenset({
+    "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype",
+    "numpy.dtypes.UInt32DType",
+})
 
 
 def list_files(ckpt: str) -> List[str]:
@@ -99,19 +105,19 @@ def code_version() -> dict:
     return out
 
 
-def unsafe_globals(path: str) -> List[str]:
-    """Globals a torch zip file's pickle names that are not on the allowlist (no unpickling)."""
+def unsafe_globals(path: str, extra: frozenset = frozenset()) -> List[str]:
+    """Globals a torch zip file's pickle names that are not on the allowlist (+ `extra`; no unpickling)."""
     import torch
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except (RuntimeError, zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
         from megams.checkpoint.serialization import truncated
         raise truncated(path, e) from None
-    return [n for n in names if n not in ALLOWED_GLOBALS]
+    return [n for n in names if n not in ALLOWED_GLOBALS and n not in extra]
 
 
-def check_pickle(path: str) -> None:
-    bad = unsafe_globals(path)
+def check_pickle(path: str, extra: frozenset = frozenset()) -> None:
+    bad = unsafe_globals(path, extra)
     if bad:
         raise CheckpointError(f"{path}: refusing to load: the file pickles objects other than tensors and the "
                               f"DeepSpeed records megams allows ({', '.join(sorted(bad))})")
@@ -138,7 +144,7 @@ def check_files(ckpt: str, manifest: Optional[dict], names: List[str], checksums
             if checksums and sha256_file(path)["sha256"] != want["sha256"]:
                 raise CheckpointError(f"{path}: corrupted checkpoint shard (sha256 differs from the manifest)")
         if name.endswith(".pt"):
-            check_pickle(path)
+            check_pickle(path, NUMPY_ARRAY_GLOBALS if name.startswith("rng" + os.sep) else frozenset())
 
 
 def expected_names(ckpt: str, meta: dict) -> List[str]:

@@ -327,3 +327,25 @@ def test_megams_never_unpickles_or_yaml_loads_unsafely():
                     if owner == "yaml" and node.func.attr in ("load", "unsafe_load", "full_load", "load_all"):
                         bad.append(f"{path}:{node.lineno}: yaml.{node.func.attr}")
     assert calls >= 3 and bad == []
+
+
+def test_a_checkpoint_of_the_previous_format_still_resumes(reference, tmp_path):
+    """megams-checkpoint/1: no manifest, numpy's RNG tuple pickled as an ndarray. Its files pass the
+    pickle scan (numpy arrays allowed in rng/ only, which megams loads itself) and the run resumes."""
+    import numpy as np
+    run_dir = _copy(reference, tmp_path)
+    ck = os.path.join(run_dir, "checkpoints", "step_00000006")
+    meta = ckpt.read_meta(ck)
+    meta.pop("manifest")
+    meta["format"] = "megams-checkpoint/1"
+    with open(os.path.join(ck, "megams.json"), "w") as f:
+        json.dump(meta, f)
+    rng_file = os.path.join(ck, "rng", "rank_00000.pt")
+    state = torch.load(rng_file, weights_only=True)
+    n = state["numpy"]
+    state["numpy"] = (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    torch.save(state, rng_file)  # what megams-checkpoint/1 wrote
+    rc, out, errors = _main(_args(run_dir, steps=8))
+    assert rc == 0 and not errors, errors
+    assert f"resumed from {ck} at step 6" in out
+    assert losses(run_dir)[:STEPS] == reference[1] and len(losses(run_dir)) == 8
