@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 import pickle
 import zipfile
@@ -160,17 +159,3 @@ def verify(ckpt: str, meta: dict, rank: int = 0, world: int = 1, checksums: bool
     """This rank's share of the checks of `verify_all` (no collective here)."""
     names = expected_names(ckpt, meta)
     check_files(ckpt, meta.get("manifest"), share(names, rank, world), checksums)
-
-
-def read_meta_file(ckpt: str) -> dict:
-    path = os.path.join(ckpt, META_FILE)
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{ckpt}: not a complete checkpoint (no {META_FILE})") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not a megams checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: not a megams checkpoint (a JSON {type(meta).__name__}, expected an object)")
-    return meta

@@ -28,10 +28,10 @@ from typing import Dict, List, Optional
 import torch
 
 from megams.checkpoint.errors import CheckpointError
+from megams.checkpoint.manifest import META_FILE
 from megams.checkpoint.serialization import DeepSpeedObject, load_shard
 from megams.checkpoint.zero import merge_zero12, merge_zero3
 
-META_FILE = "megams.json"
 FORMAT = "megams-checkpoint/2"
 FORMATS = ("megams-checkpoint/1", FORMAT)  # /1: before the manifest (files then only pass the pickle scan)
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import random
 import shutil
 from typing import List, Optional
@@ -41,11 +42,11 @@ import torch.distributed as dist
 
 from megams.checkpoint import manifest as mf
 from megams.checkpoint.errors import CheckpointError
+from megams.checkpoint.reader import FORMAT, META_FILE, read_meta
 
 CKPT_SUBDIR = "checkpoints"
-META_FILE = mf.META_FILE
-FORMAT = "megams-checkpoint/2"
 TMP_SUFFIX = ".tmp"
+_UNREADABLE = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError)
 
 
 class CheckpointSaveError(RuntimeError):
@@ -73,10 +74,6 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
         raise CheckpointError(f"{pointer}: names {tag!r}, which is not a complete checkpoint (no {META_FILE}); "
                               f"point it at a complete step_* directory or remove it to start afresh")
     return path
-
-
-def read_meta(ckpt_dir: str) -> dict:
-    return mf.read_meta_file(ckpt_dir)
 
 
 # --- durable small writes ---------------------------------------------------------------------
@@ -159,8 +156,7 @@ def complete_checkpoints(root: str) -> List[str]:
     """Complete `step_*` checkpoints under `root`, oldest first."""
     if not os.path.isdir(root):
         return []
-    out = [os.path.join(root, n) for n in os.listdir(root)
-           if n.startswith("step_") and not n.endswith(TMP_SUFFIX) and ".tmp" not in n]
+    out = [os.path.join(root, n) for n in os.listdir(root) if n.startswith("step_") and TMP_SUFFIX not in n]
     return sorted(p for p in out if os.path.isfile(os.path.join(p, META_FILE)))
 
 
@@ -199,10 +195,6 @@ def _write_error(root: str, err: BaseException) -> str:
     return f"{root}: writing the checkpoint failed ({type(err).__name__}: {text})"
 
 
-def _is_comm_error(err: BaseException) -> bool:
-    return isinstance(err, getattr(dist, "DistBackendError", ())) or type(err).__name__ == "DistBackendError"
-
-
 def save(engine, run_dir: str, step: int, meta: dict, keep_last: int, tag: Optional[str] = None,
          make_latest: bool = True, size_estimate: int = 0) -> str:
     """Collective: every rank calls it. Returns the final checkpoint directory; raises
@@ -235,7 +227,8 @@ def save(engine, run_dir: str, step: int, meta: dict, keep_last: int, tag: Optio
     try:
         engine.save_checkpoint(root, tag=tmp_tag, save_latest=False)
     except Exception as e:  # noqa: BLE001 - any failed write: agree, clean up, report
-        if _is_comm_error(e):
+        from megams.distributed.watchdog import is_comm_failure
+        if is_comm_failure(e):
             raise
         err = _write_error(root, e)
         _barrier()  # the barrier that ends DeepSpeed's save_checkpoint, which this rank did not reach
@@ -337,17 +330,12 @@ def load(engine, ckpt_dir: str, load_optimizer: bool = True, checksums: bool = T
 def _load_rng(path: str) -> dict:
     try:
         return torch.load(path, weights_only=True)
-    except pickle_errors() as e:
+    except _UNREADABLE as e:
         # megams-checkpoint/1 pickled numpy's RNG tuple: allow exactly numpy's array reconstruction
         core = getattr(np, "_core", None) or np.core
         allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
         try:
             with torch.serialization.safe_globals(allowed):
                 return torch.load(path, weights_only=True)
-        except pickle_errors():
+        except _UNREADABLE:
             raise CheckpointError(f"{path}: unreadable RNG state ({e})") from None
-
-
-def pickle_errors() -> tuple:
-    import pickle
-    return (pickle.UnpicklingError, RuntimeError, EOFError, ValueError)

@@ -25,7 +25,6 @@ loss scaling at work and are not reported.
 """
 from __future__ import annotations
 
-import math
 import types
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -68,12 +67,13 @@ def _nonfinite(tensors) -> bool:
 
 
 class NonFiniteGuard:
-    def __init__(self):
+    def __init__(self, report_engine_skips: bool = True):
+        """`report_engine_skips=False` with fp16: DeepSpeed's overflow skips are loss scaling at work."""
         self.loss_bad = False
         self._decided: Optional[bool] = None   # this step's decision (ZeRO-3 calls step per sub-group)
         self._event: Optional[NonFiniteEvent] = None
         self.optimizer = None
-        self.report_engine_skips = True   # False with fp16 (dynamic loss scaling skips on purpose)
+        self.report_engine_skips = report_engine_skips
         self._engine_skips = 0
 
     # -- what this rank sees ---------------------------------------------------------------------
@@ -147,7 +147,3 @@ class NonFiniteGuard:
 
 def _where(row: torch.Tensor) -> List[int]:
     return [int(r) for r in torch.nonzero(row).flatten()]
-
-
-def is_finite_number(x) -> bool:
-    return x is not None and math.isfinite(float(x))

@@ -91,8 +91,7 @@ def _fail(trainer, message: str, code: int) -> int:
 def _forget_deepspeed_topology():
     """DeepSpeed keeps the last engine's mpu (a pipeline grid, a tensor-parallel mpu) in a global; a
     later engine in this process without one would pick it up."""
-    import sys as _sys
-    groups = _sys.modules.get("deepspeed.utils.groups")
+    groups = sys.modules.get("deepspeed.utils.groups")
     if groups is not None:
         groups.mpu = None
 
@@ -211,7 +210,6 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> int:
         import torch
-        import torch.distributed as dist
         from megams.data.batches import GlobalBatches
         from megams.models.cost import flops_per_token
         from megams.training import checkpoint as ckpt
@@ -235,8 +233,7 @@ class Trainer:
         else:
             torch.manual_seed(c.training.seed + layout.dp_rank)
         model, loss_fn = self._build_model(layout)
-        guard = NonFiniteGuard()
-        guard.report_engine_skips = c.training.precision != "fp16"
+        guard = NonFiniteGuard(report_engine_skips=c.training.precision != "fp16")
         loss_fn = guard.watch_loss(loss_fn)
         plain_names = {id(p): n for n, p in model.named_parameters()}  # pipeline stages rename parameters
         n_params = _param_count(model, layout)
@@ -298,14 +295,13 @@ class Trainer:
 
         def meta_for(s, data_state=None):
             state = data_state or train.state_dict()
-            return {"step": s, "data": state, "consumed_samples": state["consumed_samples"],
-                    "consumed_tokens": state["consumed_samples"] * c.data.seq_len, "nonfinite_skips": dict(skips),
+            return {"step": s, "data": state, "consumed_tokens": state["consumed_samples"] * c.data.seq_len, "nonfinite_skips": dict(skips),
                     "config": dump_config(c),
                     "layout": {"world": layout.world, "dp": layout.dp, "tp": layout.tp, "pp": layout.pp,
                                "zero_stage": c.parallel.zero_stage, "precision": c.training.precision},
                     "tokenizer": data.tokenizer.fingerprint, "parameters": recorded}
 
-        size_estimate = _checkpoint_estimate(n_params, c, mode)
+        size_estimate = _checkpoint_estimate(n_params, mode)
 
         def save(s, meta, **kw):
             return ckpt.save(engine, run_dir, s, meta, c.checkpoint.keep_last, size_estimate=size_estimate, **kw)
@@ -468,7 +464,7 @@ def _param_count(model, layout) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _checkpoint_estimate(n_params: int, cfg, mode: str) -> int:
+def _checkpoint_estimate(n_params: int, mode: str) -> int:
     """Bytes of a first checkpoint, before one exists to measure: fp32 weights + AdamW's two
     moments (+ bf16 weights next to the fp32 master)."""
     per_param = 12 + (2 if mode == "ds_bf16" else 0)

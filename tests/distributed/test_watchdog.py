@@ -1,10 +1,8 @@
 """A hung or dead rank ends the run with a message naming it (megams.distributed.watchdog)."""
 import json
-import os
 import re
 import signal
 import time
-from datetime import timedelta
 
 import pytest
 import torch.distributed as dist

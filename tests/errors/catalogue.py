@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import signal
 from dataclasses import dataclass
 from typing import Dict, Sequence
 
@@ -100,26 +99,11 @@ class Outcome:
 
 
 def run_trainer(capsys, argv: Sequence[str]) -> Outcome:
-    """launch/pretrain.py's `main(argv)` in this process. DeepSpeed caches the world group of the first
-    run in a process; a later run (after that group was destroyed) needs it forgotten. What a run may
-    leave behind is undone, so later tests start clean: a process group (a run that raised) and the
-    preemption handler's SIGTERM / SIGUSR1 handlers (a forked child would inherit them)."""
-    import torch.distributed as dist
-    from deepspeed.utils import groups
-
+    """launch/pretrain.py's `main(argv)` in this process. The trainer's shutdown leaves the process as
+    it found it (process group, DeepSpeed's cached groups, signal handlers), so runs can follow runs."""
     from megams.training.trainer import main
-    groups._WORLD_GROUP, groups.mpu = None, None
-    started = dist.is_available() and dist.is_initialized()
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     capsys.readouterr()
-    try:
-        rc = main([str(a) for a in argv])
-    finally:
-        if not started and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-        groups._WORLD_GROUP, groups.mpu = None, None
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    rc = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return Outcome(rc, out, err)
 

@@ -17,6 +17,8 @@ import time
 import pytest
 
 from tests.helpers.multiproc import free_port
+from tests.helpers.ranks_launch import ENV as RANK_ENV
+from tests.training.common import pretrain_argv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PY = sys.executable
@@ -25,18 +27,13 @@ MAX_STEPS = 12
 OVERRIDES = [f"training.max_steps={MAX_STEPS}", "checkpoint.interval=4", "logging.interval=1",
              "logging.progress_bar=false", "training.eval_interval=0", "training.eval_batches=2"]
 RUN_TIMEOUT = 180
-ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore::FutureWarning",
-       "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".venv", "torch_extensions")),
-       "MEGAMS_PYTHON": PY, "PYTHONUNBUFFERED": "1"}
+ENV = {**RANK_ENV, "MEGAMS_PYTHON": PY}
 
 pytestmark = pytest.mark.slow
 
 
 def train_args(run_dir):
-    args = ["--config", CONFIG]
-    for o in OVERRIDES + [f"training.run_dir={run_dir}"]:
-        args += ["--set", o]
-    return args
+    return pretrain_argv(CONFIG, OVERRIDES + [f"training.run_dir={run_dir}"])
 
 
 def loss_curve(run_dir):

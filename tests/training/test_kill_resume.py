@@ -19,6 +19,7 @@ import pytest
 
 from megams.training.exit_codes import COMM_FAILURE
 from tests.helpers.ranks_launch import RankJob, logged_steps
+from tests.training.common import pretrain_argv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "configs", "tiny", "vanilla.yaml")
@@ -38,10 +39,7 @@ pytestmark = pytest.mark.slow
 
 
 def train_args(run_dir):
-    args = ["--config", CONFIG]
-    for o in OVERRIDES + [f"training.run_dir={run_dir}"]:
-        args += ["--set", o]
-    return args
+    return pretrain_argv(CONFIG, OVERRIDES + [f"training.run_dir={run_dir}"])
 
 
 def read_records(run_dir):
