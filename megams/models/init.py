@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -37,21 +37,39 @@ def normal_init(seed: int, name: str, shape, std: float) -> torch.Tensor:
     return torch.empty(tuple(shape), dtype=torch.float32).normal_(0.0, std, generator=g)
 
 
-@torch.no_grad()
-def init_parameters(model: nn.Module, seed: int, std: float, num_layers: Optional[int] = None) -> None:
-    """Norm weights 1, biases 0, everything else N(0, std); output projections N(0, std/sqrt(2L))
-    with L = `num_layers` (default `model.num_layers`, its transformer blocks)."""
+def _is_norm(module: nn.Module) -> bool:
+    """torch's norms, and fused ones (apex's FusedLayerNorm/FusedRMSNorm) recognised by name."""
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
+
+
+def initializer(model: nn.Module, seed: int, std: float,
+                num_layers: Optional[int] = None) -> Callable[[str, Sequence[int]], torch.Tensor]:
+    """`value(name, full_shape) -> CPU fp32 tensor`: the initial value of parameter `name` of `model`
+    over its FULL (unsplit) shape. Norm weights 1, biases 0, everything else N(0, std); output
+    projections N(0, std/sqrt(2L)) with L = `num_layers` (default `model.num_layers`, its blocks).
+    Only names and module kinds are read from `model`: it may live on the meta device, already
+    split by tensor parallelism (megams.parallel.build materialises shards with it)."""
     L = num_layers if num_layers is not None else getattr(model, "num_layers", 1)
     out_std = std / math.sqrt(2 * max(L, 1))
     norms = {f"{mod_name}.{p_name}" if mod_name else p_name
-             for mod_name, mod in model.named_modules() if isinstance(mod, (nn.LayerNorm, nn.RMSNorm))
+             for mod_name, mod in model.named_modules() if _is_norm(mod)
              for p_name, _ in mod.named_parameters(recurse=False)}
-    for name, p in model.named_parameters():  # tied parameters appear once, under their first name
+
+    def value(name: str, shape: Sequence[int]) -> torch.Tensor:
         leaf = name.rsplit(".", 1)
         if name in norms and leaf[-1] == "weight":
-            p.fill_(1.0)
-        elif leaf[-1] == "bias":
-            p.zero_()
-        else:
-            is_out = len(leaf) == 2 and leaf[-1] == "weight" and leaf[0].rsplit(".", 1)[-1] in OUTPUT_PROJECTIONS
-            p.copy_(normal_init(seed, name, p.shape, out_std if is_out else std))
+            return torch.ones(tuple(shape), dtype=torch.float32)
+        if leaf[-1] == "bias":
+            return torch.zeros(tuple(shape), dtype=torch.float32)
+        is_out = len(leaf) == 2 and leaf[-1] == "weight" and leaf[0].rsplit(".", 1)[-1] in OUTPUT_PROJECTIONS
+        return normal_init(seed, name, shape, out_std if is_out else std)
+
+    return value
+
+
+@torch.no_grad()
+def init_parameters(model: nn.Module, seed: int, std: float, num_layers: Optional[int] = None) -> None:
+    """Initialise every parameter of the plain (unsplit) `model` in place with `initializer`'s values."""
+    value = initializer(model, seed, std, num_layers)
+    for name, p in model.named_parameters():  # tied parameters appear once, under their first name
+        p.copy_(value(name, p.shape))
