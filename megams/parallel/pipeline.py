@@ -353,11 +353,16 @@ def build_pipeline(model, dims, cfg, loss_fn, *, micro_batches: Optional[int] = 
     p = cfg.parallel
     if dims.pp_size != p.pipeline:
         raise ConfigError(f"parallel.pipeline={p.pipeline} but the layout has {dims.pp_size} stages")
-    bpe = 2 if cfg.training.precision == "bf16" else 4
-    plan = plan_pipeline(model, cfg, dims.pp_size, bpe)
+    plan = plan_pipeline(model, cfg, dims.pp_size, plan_bytes_per_element(cfg))
     if verbose and dims.rank == 0:
         print(partition_report(plan, cfg, dims, micro_batches), flush=True)
     return _pipeline_module_class()(plan, dims.topology(), loss_fn, model_factors(cfg.model))
+
+
+def plan_bytes_per_element(cfg) -> int:
+    """Activation element size the partition is planned with (the same in build_pipeline and in
+    megams.parallel.build, which must agree on every stage's layers)."""
+    return 2 if cfg.training.precision == "bf16" else 4
 
 
 def model_factors(model_cfg) -> List[int]:
