@@ -242,6 +242,9 @@ class TrainingConfig(_Strict):
     run_dir: str = "runs/default"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    dist_backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="auto: nccl on CUDA, gloo on CPU. gloo on CUDA lets several ranks share one GPU "
+        "(local rank r uses device r mod device_count), e.g. tp=2 on a one-GPU machine; NCCL refuses that")
     eval_interval: int = Field(100, ge=0, description="0: evaluate only at the end")
     eval_batches: int = Field(8, gt=0)
     compile: bool = False

@@ -80,15 +80,16 @@ class NonFiniteGuard:
     def watch_loss(self, loss_fn):
         def watched(*args, **kwargs):
             loss = loss_fn(*args, **kwargs)
-            if not bool(torch.isfinite(loss.detach()).all()):
-                self.loss_bad = True
+            self.note_loss(loss)
             return loss
         watched.__wrapped__ = loss_fn
         return watched
 
     def note_loss(self, loss: torch.Tensor) -> None:
-        if not bool(torch.isfinite(loss.detach()).all()):
-            self.loss_bad = True
+        """Flag a non-finite loss on the device (no host sync per micro-batch: the flag is read once,
+        at the optimizer step)."""
+        bad = ~torch.isfinite(loss.detach()).all()
+        self.loss_bad = bad if self.loss_bad is False else (self.loss_bad | bad)
 
     # -- the optimizer side ----------------------------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer) -> "NonFiniteGuard":

@@ -142,9 +142,13 @@ class Trainer:
         if self.cfg.training.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("training.device=cuda but no CUDA device is available (use auto or cpu)")
         use_cuda = self.cfg.training.device != "cpu" and torch.cuda.is_available()
-        self.device = f"cuda:{le.local_rank}" if use_cuda else "cpu"
+        backend = self.cfg.training.dist_backend
+        backend = ("nccl" if use_cuda else "gloo") if backend == "auto" else backend
+        if backend == "nccl" and not use_cuda:
+            raise ConfigError("training.dist_backend=nccl needs CUDA (training.device is cpu, or no GPU is visible)")
+        self.device = _cuda_device(le.local_rank, torch.cuda.device_count(), backend) if use_cuda else "cpu"
         if use_cuda:
-            torch.cuda.set_device(le.local_rank)
+            torch.cuda.set_device(self.device)  # before any CUDA state: the RNG tracker, NCCL, the model
         import deepspeed
         import torch.distributed as dist
         from datetime import timedelta
@@ -153,7 +157,7 @@ class Trainer:
         self.owns_process_group = not dist.is_initialized()  # tests may start it for us
         timeout = timedelta(seconds=self.cfg.training.collective_timeout_s)
         set_group_timeout(timeout)  # the groups DeepSpeed and megams.parallel create later too
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False,
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=timeout)
         self.distributed_started = True
         from megams.distributed.watchdog import ProgressBoard
@@ -173,39 +177,42 @@ class Trainer:
         return Layout(le.world_size, le.rank, le.world_size, le.rank)
 
     def _build_data(self, layout: Layout):
-        import torch
-        import torch.distributed as dist
+        """Rank 0 tokenizes what is missing (cached); the other ranks wait for it on the rendezvous
+        store, not in a collective: preparing a large corpus is not bounded by
+        training.collective_timeout_s, and the waiting ranks say what rank 0 is doing."""
         from megams.data import build_data, check_vocab
         from megams.data.errors import DataError
         c = self.cfg
         bundle, err = None, None
+        store = _default_store() if layout.world > 1 else None
+        status_key, done_key = _data_keys()
         if layout.rank == 0:  # rank 0 tokenizes text sources into the cache first
+            if store is not None:
+                store.set(status_key, f"preparing {_describe_source(c.data)}")
             try:
                 bundle = build_data(c.data, c.data.seq_len, c.training.seed, is_rank_zero=True,
                                     progress=c.logging.progress_bar)
             except DataError as e:
                 err = e
-        flag = torch.tensor([1.0 if err else 0.0])
-        dist.all_reduce(flag)
-        if flag.item() > 0:
-            raise err if err else DataError("data preparation failed on rank 0 (see its message)")
+            if store is not None:
+                store.set(done_key, "error" if err else "ok")
+            if err:
+                raise err
+        elif store is not None:
+            if _wait_for_rank0(store, layout.rank, status_key, done_key) != "ok":
+                raise DataError("data preparation failed on rank 0 (see its message)")
         if bundle is None:
             bundle = build_data(c.data, c.data.seq_len, c.training.seed, is_rank_zero=False)
         check_vocab(bundle.tokenizer, c.model.vocab_size)
         return bundle
 
     def _build_model(self, layout: Layout):
-        """The plain model, then parallelism applied to it from outside (megams.parallel)."""
-        from megams.models import build_model
-        from megams.training.loss import lm_loss
-        model = build_model(self.cfg.model, seed=self.cfg.training.seed)
-        loss_fn = lm_loss
-        if layout.tp > 1:
-            from megams.parallel.tensor_parallel import apply_tp
-            model, loss_fn = apply_tp(model, layout.dims, self.cfg)
-        from megams.parallel.checkpointing import apply_ac
-        apply_ac(model, self.cfg, layout.dims)
-        return model.to(self.device), loss_fn
+        """This rank's part of the model only: built on the meta device, parallelism applied to the
+        skeleton, then this rank's tensor slice of its pipeline stage materialised on the device
+        (megams.parallel.build). Nothing of another stage or tensor rank is ever allocated."""
+        from megams.parallel.build import build_local_model
+        local = build_local_model(self.cfg, layout.dims, self.device)
+        return local.module, local.loss_fn
 
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> int:
@@ -308,18 +315,20 @@ class Trainer:
 
         last_ckpt = latest
         own_norm = c.parallel.zero_stage == 0 and mode in ("fp32", "autocast_bf16") and self.pipeline is None
-        gnorm = None
+        gnorm, last_loss = None, None
         engine.train()
         while step < c.training.max_steps:
             t0 = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
             batches = train.next()
+            log_now = (step + 1) % c.logging.interval == 0 or step + 1 == c.training.max_steps
             if self.pipeline is not None:
                 loss_val = self.pipeline.train_step(engine, batches, autocast, self.device)
             else:
-                loss_sum = torch.zeros((), dtype=torch.float64)
+                loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)  # on the device: no sync per micro-batch
                 for inputs, targets in batches:
-                    inputs, targets = inputs.to(self.device), targets.to(self.device)
+                    inputs = inputs.to(self.device, non_blocking=True)
+                    targets = targets.to(self.device, non_blocking=True)
                     with autocast:
                         logits = engine(inputs)
                     loss = loss_fn(logits, targets)
@@ -327,15 +336,17 @@ class Trainer:
                     if own_norm and engine.is_gradient_accumulation_boundary():
                         gnorm = _grad_norm(engine)  # DeepSpeed's ZeRO-0 fp32 path does not report it
                     engine.step()
-                    loss_sum += loss.detach().double().cpu()
-                loss_val = _dp_mean(loss_sum / gas, layout)  # mean over the global batch
+                    loss_sum += loss.detach().float()
+                loss_val = None
             step += 1
             self.step = step
+            event = guard.pop(engine)  # every rank, every step (its own collective)
+            if self.pipeline is None and (log_now or event):  # one host sync per logged step
+                loss_val = _dp_mean(loss_sum / gas, layout)  # mean over the global batch
             dt = time.perf_counter() - t0
             if not own_norm:
                 gnorm = engine.get_global_grad_norm()
-            gnorm = float(gnorm) if gnorm is not None else None
-            event = guard.pop(engine)
+            gnorm = float(gnorm) if gnorm is not None and (log_now or event) else None
             skips["consecutive"] = skips["consecutive"] + 1 if event else 0
             skips["total"] += bool(event)
             if is_main and (event or step % c.logging.interval == 0 or step == c.training.max_steps):
@@ -352,7 +363,8 @@ class Trainer:
                 self._on_nonfinite(event, step, skips, save, meta_for, train, progress, is_main)
             if self.board is not None:
                 self.board.report(step)
-            progress.update(loss=loss_val, lr=lr)
+            last_loss = loss_val if loss_val is not None else last_loss
+            progress.update(loss=last_loss, lr=lr)
             last = step == c.training.max_steps
             if (c.training.eval_interval and step % c.training.eval_interval == 0) or last:
                 self._evaluate(engine, data, loss_fn, layout, autocast, step, metrics, progress)
@@ -379,7 +391,7 @@ class Trainer:
         metrics.close()
         if is_main:
             print(f"[megams] done: step {step}, val_loss {self.last_eval['val_loss']:.4f}, "
-                  f"val_ppl {self.last_eval['val_ppl']:.3f}, val_bpb {self.last_eval['val_bpb']:.4f}", flush=True)
+                  f"val_ppl {self.last_eval['val_ppl']:.3f}, val_bpb {_fmt_bpb(self.last_eval['val_bpb'])}", flush=True)
             print(f"[megams] checkpoint: {last_ckpt}", flush=True)
         self.shutdown()
         return 0
@@ -407,33 +419,98 @@ class Trainer:
 
     def _evaluate(self, engine, data, loss_fn, layout, autocast, step, metrics, progress):
         import torch
-        import torch.distributed as dist
         from megams.data.batches import eval_batches
         c = self.cfg
+        from megams.distributed.comm import all_reduce, comm_zeros, to_comm
         engine.eval()
-        total = torch.zeros(2, dtype=torch.float64)
         ev = eval_batches(data.valid, c.training.eval_batches, c.training.global_batch_size,
                           layout.dp_rank, layout.dp)  # global batch size: the same tokens for any layout
         batches, bytes_per_token = ev.batches, ev.bytes_per_token
         if self.pipeline is not None:  # already averaged over the data ranks (equal-sized batches)
             val_loss = self.pipeline.evaluate(engine, batches, autocast, self.device)
-        else:
+        else:  # in micro-batches: never more than one micro-batch of (vocab-wide) logits alive
+            group = _dp_group(layout)
+            total = comm_zeros(2, dtype=torch.float64, group=group)
+            mb = c.training.micro_batch_size
             with torch.no_grad():
                 for inputs, targets in batches:
-                    with autocast:
-                        logits = engine(inputs.to(self.device))
-                    loss = loss_fn(logits, targets.to(self.device))
-                    total += torch.tensor([loss.item() * targets.numel(), targets.numel()], dtype=torch.float64)
-            dist.all_reduce(total, group=_dp_group(layout))
+                    for i in range(0, inputs.shape[0], mb):
+                        x = inputs[i:i + mb].to(self.device, non_blocking=True)
+                        y = targets[i:i + mb].to(self.device, non_blocking=True)
+                        with autocast:
+                            logits = engine(x)
+                        loss = loss_fn(logits, y)
+                        del logits
+                        total[0] += to_comm(loss.detach().double(), group) * y.numel()
+                        total[1] += y.numel()
+            all_reduce(total, group=group)
             val_loss = (total[0] / total[1]).item()
         engine.train()
         rec = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
-               "val_bpb": val_loss / math.log(2) / bytes_per_token}
+               "val_bpb": val_loss / math.log(2) / bytes_per_token if bytes_per_token else None}
         self.last_eval = rec
         metrics.write(rec)
         if layout.rank == 0:
             progress.write(f"[megams] step {step}: val_loss {val_loss:.4f} val_ppl {rec['val_ppl']:.3f} "
-                           f"val_bpb {rec['val_bpb']:.4f}")
+                           f"val_bpb {_fmt_bpb(rec['val_bpb'])}")
+
+
+_DATA_KEYS = {"count": 0}  # runs in one process group (tests, notebooks) each get their own store keys
+
+
+def _data_keys():
+    _DATA_KEYS["count"] += 1
+    n = _DATA_KEYS["count"]
+    return f"megams/data/{n}/status", f"megams/data/{n}/done"
+
+
+def _default_store():
+    from torch.distributed import distributed_c10d as c10d
+    return c10d._get_default_store()
+
+
+def _describe_source(data_cfg) -> str:
+    """What rank 0 is preparing, for the waiting ranks' message."""
+    paths = [b.path for b in data_cfg.blend] if data_cfg.blend else [data_cfg.path]
+    out = []
+    for p in paths:
+        if p is None:
+            out.append("the built-in corpus")
+            continue
+        size = next((os.path.getsize(f) for f in (p, p + ".bin") if os.path.isfile(f)), None)
+        out.append(f"{p} ({size / 2**20:.1f} MB)" if size is not None else str(p))
+    return "data: " + ", ".join(out)
+
+
+def _wait_for_rank0(store, rank: int, status_key: str, done_key: str, poll_s: float = 0.2, say_every_s: float = 30.0) -> str:
+    """Poll the store until rank 0 says its data is ready ("ok" or "error"); the heartbeat thread keeps
+    this rank alive on the progress board meanwhile. Rank 1 says every `say_every_s` what rank 0 does."""
+    t0 = last = time.monotonic()
+    while not store.check([done_key]):
+        time.sleep(poll_s)
+        now = time.monotonic()
+        if rank == 1 and now - last >= say_every_s:
+            last = now
+            doing = store.get(status_key).decode() if store.check([status_key]) else "starting"
+            print(f"[megams] ranks 1..: waiting {now - t0:.0f} s for rank 0, which is {doing} "
+                  f"(tokenized once into data.cache_dir; not bounded by training.collective_timeout_s)", flush=True)
+    return store.get(done_key).decode()
+
+
+def _cuda_device(local_rank: int, count: int, backend: str) -> str:
+    """This rank's GPU: `cuda:<local_rank>`, checked against the visible devices. With gloo several
+    ranks may share a device (r mod count); NCCL refuses two ranks on one device."""
+    if count == 0:
+        raise ConfigError("training.device: CUDA reports no device (check CUDA_VISIBLE_DEVICES)")
+    if local_rank < count:
+        return f"cuda:{local_rank}"
+    if backend == "gloo":
+        return f"cuda:{local_rank % count}"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    raise ConfigError(f"local rank {local_rank} has no GPU of its own: {count} CUDA device(s) visible"
+                      + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "")
+                      + f"; start at most {count} ranks per node (deepspeed --num_gpus {count}), or set "
+                      "training.dist_backend=gloo to share devices")
 
 
 def _dp_group(layout):
@@ -441,11 +518,16 @@ def _dp_group(layout):
 
 
 def _dp_mean(local, layout) -> float:
-    """Mean over data-parallel ranks (tensor/pipeline peers hold the same value)."""
-    import torch.distributed as dist
-    t = local.clone()
-    dist.all_reduce(t, group=_dp_group(layout))
+    """Mean over data-parallel ranks (tensor/pipeline peers hold the same value). One host sync."""
+    from megams.distributed.comm import all_reduce, to_comm
+    group = _dp_group(layout)
+    t = to_comm(local.detach().double(), group).clone()
+    all_reduce(t, group=group)
     return (t / layout.dp).item()
+
+
+def _fmt_bpb(bpb) -> str:
+    return f"{bpb:.4f}" if bpb is not None else "unavailable (the dataset stores no source bytes)"
 
 
 def _grad_norm(engine) -> float:
