@@ -482,9 +482,10 @@ def _describe_source(data_cfg) -> str:
     return "data: " + ", ".join(out)
 
 
-def _wait_for_rank0(store, rank: int, status_key: str, done_key: str, poll_s: float = 0.2, say_every_s: float = 30.0) -> str:
+def _wait_for_rank0(store, rank: int, status_key: str, done_key: str, poll_s: float = 0.2) -> str:
     """Poll the store until rank 0 says its data is ready ("ok" or "error"); the heartbeat thread keeps
     this rank alive on the progress board meanwhile. Rank 1 says every `say_every_s` what rank 0 does."""
+    say_every_s = float(os.environ.get("MEGAMS_DATA_WAIT_SAY_S", "30"))
     t0 = last = time.monotonic()
     while not store.check([done_key]):
         time.sleep(poll_s)
