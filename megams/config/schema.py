@@ -52,6 +52,10 @@ class ModelConfig(_Strict):
         "repeat", description="attention: repeat + each fine position attends (from the fine stream) to the coarse "
                               "positions it may causally see (Hourglass-style)")
     aggregation: Literal["sum", "attention"] = "attention"
+    scale_merge: Literal["norm", "gate", "none"] = Field(
+        "norm", description="how a coarse stream is added to a finer one (top-down e_s + merge(upsample(g)), "
+                            "bottom-up sum aggregation): norm = a norm whose gain starts at init_std, gate = a "
+                            "zero-initialised per-channel gate, none = the raw sum (issue 14)")
 
     # retina
     retina_factors: List[int] = Field(default_factory=lambda: [4, 16], description="K_1..K_S pool sizes (absolute, increasing)")

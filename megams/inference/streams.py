@@ -60,16 +60,17 @@ class UpsampleStream:
 
     def __init__(self, up):
         self.up, self.k = up, up.k
-        self.coarse: List[torch.Tensor] = []     # [B, 1, d] per coarse position (repeat / attention)
+        self.coarse: List[torch.Tensor] = []     # [B, 1, d] per coarse position, merged (repeat / attention)
         self.rows: List[torch.Tensor] = []       # linear: proj output [B, k, d] per coarse position
         self.cache = KVBuffer()                  # attention: keys / values of the coarse positions
 
     def add(self, c: torch.Tensor) -> None:
         """The next coarse position's vector [B, 1, d]."""
         up, j = self.up, len(self.coarse)
-        self.coarse.append(c)
+        merged = up.merged(c)                    # through Upsample.merge when it has one
+        self.coarse.append(merged)
         if up.kind == "linear":
-            self.rows.append(up.proj(c).view(c.shape[0], self.k, -1))
+            self.rows.append(up.proj(merged).view(c.shape[0], self.k, -1))
         elif up.kind == "attention":
             a = up.attn
             kv = up.norm_kv(c)

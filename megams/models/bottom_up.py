@@ -6,7 +6,8 @@
     out = head(norm_f(post_blocks(x)))
 
 `shorten[i]` takes scale i to scale i+1 (factor k_{i+1}); `upsample[i]` brings scale i+1 straight
-back to scale 0 (factor K_{i+1} = k_1*...*k_{i+1}). Coarse blocks use rotary positions 0..n/K_s-1.
+back to scale 0 (factor K_{i+1} = k_1*...*k_{i+1}); with `sum` aggregation it first merges h_s
+to h_0's scale (`upsample[i].merge`, `model.scale_merge`; issue 14). Coarse blocks use rotary positions 0..n/K_s-1.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ class BottomUpLM(LanguageModel):
         ks = cfg.shorten_factors
         self.scale_blocks = nn.ModuleList(make_blocks(cfg, n) for n in cfg.layers_per_scale)
         self.shorten = nn.ModuleList(Shorten(cfg, k) for k in ks)
-        self.upsample = nn.ModuleList(Upsample(cfg, math.prod(ks[:s + 1])) for s in range(len(ks)))
+        merge = cfg.aggregation == "sum"  # attention aggregation normalises every scale itself
+        self.upsample = nn.ModuleList(Upsample(cfg, math.prod(ks[:s + 1]), merge=merge) for s in range(len(ks)))
         self.aggregate = Aggregation(cfg, len(ks) + 1)
         self.post_blocks = make_blocks(cfg, cfg.n_post)
 

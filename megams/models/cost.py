@@ -102,7 +102,15 @@ def _shorten(cfg: ModelConfig, L_in: int, k: int) -> tuple[float, float, int]:
     return flops, elems, params
 
 
-def _upsample(cfg: ModelConfig, m: int, K: int) -> tuple[float, float, int]:
+def _upsample(cfg: ModelConfig, m: int, K: int, merge: bool = False) -> tuple[float, float, int]:
+    f, e, p = _upsample_core(cfg, m, K)
+    if merge and cfg.scale_merge != "none":  # scales.Merge on the m coarse positions: keeps its input
+        p += _norm_params(cfg) if cfg.scale_merge == "norm" else cfg.d_model
+        e += m * cfg.d_model
+    return f, e, p
+
+
+def _upsample_core(cfg: ModelConfig, m: int, K: int) -> tuple[float, float, int]:
     d, L = cfg.d_model, m * K
     if cfg.upsampling == "linear":
         return 2.0 * m * d * K * d, float(m * d), K * d * d
@@ -158,7 +166,7 @@ def layer_costs(cfg: ModelConfig, seq_len: int, bytes_per_element: int = 2) -> L
             add(f"shorten.{s - 1}", "shorten", s, lens[s], f, e, p)
             blocks(f"scale_blocks.{s}", cfg.layers_per_scale[s], s, lens[s])
         for s in range(1, len(ks) + 1):
-            f, e, p = _upsample(cfg, lens[s], n // lens[s])
+            f, e, p = _upsample(cfg, lens[s], n // lens[s], merge=cfg.aggregation == "sum")
             add(f"upsample.{s - 1}", "upsample", 0, n, f, e, p)
         f, e, p = _aggregate(cfg, n, len(ks) + 1)
         add("aggregate", "aggregate", 0, n, f, e, p)
@@ -170,7 +178,7 @@ def layer_costs(cfg: ModelConfig, seq_len: int, bytes_per_element: int = 2) -> L
             add(f"shorten.{s - 1}", "shorten", s, lens[s], f, e, p)
         for s in reversed(range(len(ks) + 1)):
             if s < len(ks):
-                f, e, p = _upsample(cfg, lens[s + 1], ks[s])
+                f, e, p = _upsample(cfg, lens[s + 1], ks[s], merge=True)
                 add(f"upsample.{s}", "upsample", s, lens[s], f, e, p)
             blocks(f"scale_blocks.{s}", cfg.layers_per_scale[s], s, lens[s])
     else:

@@ -45,7 +45,9 @@ def _is_norm(module: nn.Module) -> bool:
 def initializer(model: nn.Module, seed: int, std: float,
                 num_layers: Optional[int] = None) -> Callable[[str, Sequence[int]], torch.Tensor]:
     """`value(name, full_shape) -> CPU fp32 tensor`: the initial value of parameter `name` of `model`
-    over its FULL (unsplit) shape. Norm weights 1, biases 0, everything else N(0, std); output
+    over its FULL (unsplit) shape. A module's `init_rules` {param name: "zeros" | "ones" | "std"}
+    first (constants; `std`: the value std, e.g. the small gain of scales.Merge's norm); then norm
+    weights 1, biases 0, everything else N(0, std); output
     projections N(0, std/sqrt(2L)) with L = `num_layers` (default `model.num_layers`, its blocks).
     Only names and module kinds are read from `model`: it may live on the meta device, already
     split by tensor parallelism (megams.parallel.build materialises shards with it)."""
@@ -54,9 +56,15 @@ def initializer(model: nn.Module, seed: int, std: float,
     norms = {f"{mod_name}.{p_name}" if mod_name else p_name
              for mod_name, mod in model.named_modules() if _is_norm(mod)
              for p_name, _ in mod.named_parameters(recurse=False)}
+    rules = {f"{mod_name}.{p_name}" if mod_name else p_name: rule  # a module's own `init_rules`
+             for mod_name, mod in model.named_modules()
+             for p_name, rule in (getattr(mod, "init_rules", None) or {}).items()}
 
     def value(name: str, shape: Sequence[int]) -> torch.Tensor:
         leaf = name.rsplit(".", 1)
+        if name in rules:  # constants: the same whatever the layout
+            fill = {"zeros": 0.0, "ones": 1.0, "std": std}[rules[name]]
+            return torch.full(tuple(shape), fill, dtype=torch.float32)
         if name in norms and leaf[-1] == "weight":
             return torch.ones(tuple(shape), dtype=torch.float32)
         if leaf[-1] == "bias":

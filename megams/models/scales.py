@@ -1,5 +1,6 @@
 """Moving between scales causally: `Shorten` (fine -> coarse), `Upsample` (coarse -> fine),
-`Aggregation` (combine every scale at full resolution; the bottom-up model's aggregation layer).
+`Aggregation` (combine every scale at full resolution; the bottom-up model's aggregation layer),
+`Merge` (scale a coarse stream to the fine one it joins).
 
 The causal contract (docs/MODELS.md): after `Shorten(k)`, coarse position j summarises fine
 positions <= j*k only; `Upsample(k)` hands coarse j to fine positions j*k .. j*k+k-1 (and, with
@@ -8,7 +9,7 @@ every output position free of later tokens.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -58,16 +59,45 @@ class Shorten(nn.Module):
         return out.view(B, m, d)
 
 
+class Merge(nn.Module):
+    """Brings a coarse residual stream to the scale of the finer stream it is added to (issue 14):
+    `norm`: a norm whose gain starts at init_std (the embedding's scale); `gate`: a per-channel gate
+    that starts at 0 (the coarse scale enters as training opens it). Per position: it commutes with
+    repeat upsampling and runs at the coarse resolution (1/K of the memory of a full-resolution one)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.scale_merge
+        if self.kind == "norm":
+            self.norm = make_norm(cfg)
+            self.norm.init_rules = {"weight": "std"}  # megams.models.init: gain = init_std, not 1
+        else:
+            self.gate = nn.Parameter(torch.empty(cfg.d_model))
+            self.init_rules = {"gate": "zeros"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x) if self.kind == "norm" else x * self.gate.to(x.dtype)
+
+
+def make_merge(cfg: ModelConfig) -> Optional[Merge]:
+    return None if cfg.scale_merge == "none" else Merge(cfg)
+
+
 class Upsample(nn.Module):
     """coarse [B, m, d] -> [B, m*k, d]: `repeat`, `linear` (d -> k*d, reshaped), or `attention`
     (repeat + each fine position, queried from the fine stream `fine`, attends over the coarse
-    positions j with j*k <= i; rotary puts coarse j at fine position j*k, its last summarised one)."""
+    positions j with j*k <= i; rotary puts coarse j at fine position j*k, its last summarised one).
 
-    def __init__(self, cfg: ModelConfig, k: int):
+    `merge=True` (top-down's merges, bottom-up's `sum` aggregation): the coarse stream first goes
+    through `self.merge` (`Merge`, per `cfg.scale_merge`; None when `none`), then is upsampled;
+    with `attention`, the merged stream is repeated and the attention reads its own `norm_kv`."""
+
+    def __init__(self, cfg: ModelConfig, k: int, merge: bool = False):
         super().__init__()
         self.k = k
         self.kind = cfg.upsampling
         d = cfg.d_model
+        self.merge = make_merge(cfg) if merge else None
         if self.kind == "linear":
             self.proj = nn.Linear(d, k * d, bias=False)
         elif self.kind == "attention":
@@ -75,12 +105,17 @@ class Upsample(nn.Module):
             self.norm_kv = make_norm(cfg)
             self.attn = make_attention(cfg)
 
+    def merged(self, coarse: torch.Tensor) -> torch.Tensor:
+        """The coarse stream as it is upsampled (through `merge` if there is one)."""
+        return coarse if self.merge is None else self.merge(coarse)
+
     def forward(self, coarse: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
         B, m, d = coarse.shape
         k = self.k
+        c = self.merged(coarse)
         if self.kind == "linear":
-            return self.proj(coarse).view(B, m, k, d).reshape(B, m * k, d)
-        up = coarse.repeat_interleave(k, dim=1)
+            return self.proj(c).view(B, m, k, d).reshape(B, m * k, d)
+        up = c.repeat_interleave(k, dim=1)
         if self.kind == "attention":
             i = torch.arange(m * k, device=coarse.device)
             j = torch.arange(m, device=coarse.device)
@@ -91,7 +126,8 @@ class Upsample(nn.Module):
 
 
 class Aggregation(nn.Module):
-    """Combine h_0 and the upsampled coarse scales position by position: `sum`, or `attention`
+    """Combine h_0 and the upsampled coarse scales position by position: `sum` (the bottom-up model
+    builds its upsamplings with `merge=True` then, so each coarse scale arrives at h_0's scale), or `attention`
     (h_0's vector queries its n_scales vectors, each tagged with a learned scale embedding;
     the result is added to h_0)."""
 

@@ -159,6 +159,8 @@ class _Plan:
                 self.sp_norm(up.norm_kv)
                 _wrap_forward(up, _sp_attention_upsample, self.dims.tp_size)
         # repeat: coarse position j -> fine j*k..j*k+k-1 keeps the sequence split aligned: local
+        if self.sp and up.merge is not None and up.kind != "linear":  # linear: whole sequence, replicated
+            self.sum_grads_over_tp(*up.merge.parameters())  # per coarse position on this rank's shard
 
     def aggregation(self, agg: Aggregation) -> None:
         if agg.kind == "attention":  # each position attends over its own scale vectors: rows split
@@ -228,8 +230,8 @@ def _sp_attention_upsample(up: Upsample, tp: int, plain, coarse, fine):
     i = torch.arange(m * k, device=coarse.device)
     j = torch.arange(m, device=coarse.device)
     mask = j[None, :] * k <= i[:, None]
-    return coarse.repeat_interleave(k, dim=1) + up.attn(up.norm_q(fine), up.norm_kv(coarse), causal=False,
-                                                        mask=mask, q_pos=i, k_pos=j * k)
+    return up.merged(coarse).repeat_interleave(k, dim=1) + up.attn(
+        up.norm_q(fine), up.norm_kv(coarse), causal=False, mask=mask, q_pos=i, k_pos=j * k)
 
 
 def _sp_hidden(model: LanguageModel, plan: _Plan, tokens: torch.Tensor) -> torch.Tensor:

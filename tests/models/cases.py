@@ -14,9 +14,11 @@ COMMON = {"norm": ["layernorm", "rmsnorm"], "mlp": ["gelu", "swiglu"], "position
 OPTIONS: Dict[str, Dict[str, list]] = {
     "vanilla": {**COMMON, "tie_embeddings": [True, False]},
     "bottom_up": {"pooling": ["avg", "linear", "attention"], "upsampling": ["repeat", "linear", "attention"],
-                  "aggregation": ["sum", "attention"], "shift_pad": ["zeros", "learned"], "scales": [2, 3], **COMMON},
+                  "aggregation": ["sum", "attention"], "shift_pad": ["zeros", "learned"], "scales": [2, 3],
+                  "scale_merge": ["norm", "gate", "none"], **COMMON},
     "top_down": {"pooling": ["avg", "linear", "attention"], "upsampling": ["repeat", "linear", "attention"],
-                 "shift_pad": ["zeros", "learned"], "n_pre": [0, 1], "scales": [2, 3], **COMMON},
+                 "shift_pad": ["zeros", "learned"], "n_pre": [0, 1], "scales": [2, 3],
+                 "scale_merge": ["norm", "gate", "none"], **COMMON},
     "retina": {"retina_last_window": ["finite", "all"], "levels": [2, 3], "retina_chunk_size": [None, 5], **COMMON},
 }
 
