@@ -2,11 +2,15 @@
 
 Sources (`data.path`, each `data.blend[i].path`, `data.valid_path`; relative paths from the working dir):
 - null                          -> the built-in corpus (Python's own documentation, see corpus.py)
-- PREFIX with PREFIX.bin/.idx   -> an indexed dataset, used as it is (its tokenizer must be `data.tokenizer`)
+- PREFIX with PREFIX.bin/.idx   -> an indexed dataset, used as it is (its tokenizer must be `data.tokenizer`):
+                                   megams' own layout or a Megatron-LM / GPT-NeoX one (MMIDIDX), told
+                                   apart by the header (megams.data.megatron)
 - any other file                -> text or JSONL (.jsonl/.json), tokenized once into `data.cache_dir`
 Text sources and the built-in corpus are cached under a key of (file path, size, mtime / corpus hash,
 tokenizer fingerprint, document options): rank 0 tokenizes what is missing, and every rank then meets
 at `barrier()` (called exactly once on every rank) before opening the datasets.
+`progress` is a bool (a tqdm bar with MB/s on rank 0) or a callable `progress(bytes_done, bytes_total)`
+called from rank 0 while it tokenizes (bytes of source text; bytes_total may be None: unknown).
 
 Trainer side: `bundle.global_batches(...)` for training steps, `bundle.eval_batches(...)` for validation,
 `check_vocab(bundle.tokenizer, cfg.model.vocab_size)` before building the model.
@@ -24,7 +28,9 @@ from megams.data.blend import BlendedDataset
 from megams.data.corpus import builtin_corpus
 from megams.data.errors import DataError
 from megams.data.gpt_dataset import SPLIT_NAMES, GPTDataset, build_splits, require_windows
-from megams.data.indexed import VERSION, IndexedDataset, IndexedDatasetWriter, check_tokenizer, exists
+from megams.data.indexed import (VERSION, IndexedDataset, IndexedDatasetWriter, check_tokenizer, exists,
+                                 index_format)
+from megams.data.megatron import MegatronIndexedDataset
 # (the module stays `megams.data.preprocess`: import its functions from there)
 from megams.data.preprocess import preprocess as _preprocess_files, preprocess_documents as _preprocess_documents
 from megams.data.sources import check_text_file, is_jsonl, read_documents
@@ -80,7 +86,8 @@ def _resolve(path: Optional[str], field_name: str, cfg, tokenizer, progress: boo
     for suffix in ("", ".bin", ".idx"):  # PREFIX, PREFIX.bin or PREFIX.idx all name the indexed dataset
         if path.endswith(suffix) and exists(path[:len(path) - len(suffix)]):
             prefix = os.path.abspath(path[:len(path) - len(suffix)])
-            return _Source(path, prefix, f"indexed dataset {path}")
+            kind = "Megatron dataset" if index_format(prefix) == "megatron" else "indexed dataset"
+            return _Source(path, prefix, f"{kind} {path}")
     if not os.path.exists(path):
         for have, missing in ((".bin", ".idx"), (".idx", ".bin")):
             if os.path.isfile(path + have):
@@ -105,7 +112,7 @@ def _blend(parts: List[Optional[object]], weights: List[float], name: str):
 
 
 def build_data(data_cfg, seq_len: int, seed: int, is_rank_zero: bool = True,
-               barrier: Callable[[], None] = lambda: None, progress: bool = True) -> DataBundle:
+               barrier: Callable[[], None] = lambda: None, progress=True) -> DataBundle:
     """Resolve, tokenize (rank 0, once, cached) and open the configured data; cut it into windows of
     seq_len + 1. `barrier()` is called exactly once on every rank, between tokenizing and opening."""
     cfg = data_cfg
@@ -117,7 +124,7 @@ def build_data(data_cfg, seq_len: int, seed: int, is_rank_zero: bool = True,
         configured = [(b.path, f"data.blend[{i}].path", b.weight) for i, b in enumerate(cfg.blend)]
     else:
         configured = [(cfg.path, "data.path", 1.0)]
-    show = progress and is_rank_zero
+    show = progress if is_rank_zero else False
     sources = [_resolve(path, name, cfg, tokenizer, show) for path, name, _ in configured]
     weights = [w for _, _, w in configured]
     valid_source = _resolve(cfg.valid_path, "data.valid_path", cfg, tokenizer, show) if cfg.valid_path else None
@@ -131,11 +138,11 @@ def build_data(data_cfg, seq_len: int, seed: int, is_rank_zero: bool = True,
     split = list(cfg.split)
     if valid_source:  # validation comes from its own source: its share of the main stream goes to train
         split = [split[0] + split[1], 0.0, split[2]]
-    indexed = [_open(s, tokenizer) for s in sources]
+    indexed = [_open(s, tokenizer, cfg.cache_dir) for s in sources]
     parts = [build_splits(ds, seq_len, split, seed, s.label) for ds, s in zip(indexed, sources)]
     train, valid, test = (_blend([p[k] for p in parts], weights, name) for k, name in enumerate(SPLIT_NAMES))
     if valid_source:
-        valid = GPTDataset(_open(valid_source, tokenizer), seq_len, seed=seed, shuffle=False, name="valid",
+        valid = GPTDataset(_open(valid_source, tokenizer, cfg.cache_dir), seq_len, seed=seed, shuffle=False, name="valid",
                            source=valid_source.label)
         require_windows(valid, "data.valid_path")
 
@@ -143,16 +150,16 @@ def build_data(data_cfg, seq_len: int, seed: int, is_rank_zero: bool = True,
             "vocab_size": tokenizer.vocab_size, "seq_len": seq_len,
             "windows": {name: len(d) if d is not None else 0 for name, d in zip(SPLIT_NAMES, (train, valid, test))},
             "sources": [{"path": s.label, "description": s.description, "prefix": s.prefix, "weight": w,
-                         "documents": len(ds), "tokens": ds.n_tokens, "source_bytes": int(ds.doc_bytes.sum()),
+                         "documents": len(ds), "tokens": ds.n_tokens, "source_bytes": ds.source_bytes, "format": ds.format,
                          "tokenized_now": s in missing} for s, ds, w in zip(sources, indexed, weights)],
             "valid_path": valid_source.label if valid_source else None}
     info["summary"] = _summary(info, sources + ([valid_source] if valid_source else []))
     return DataBundle(tokenizer, train, valid, test, info)
 
 
-def _open(source: _Source, tokenizer) -> IndexedDataset:
-    ds = IndexedDataset(source.prefix)
-    check_tokenizer(ds, tokenizer)
+def _open(source: _Source, tokenizer, cache_dir: str) -> IndexedDataset:
+    ds = IndexedDataset(source.prefix)  # a MegatronIndexedDataset for an MMIDIDX index
+    check_tokenizer(ds, tokenizer, cache_dir)
     return ds
 
 
@@ -169,4 +176,4 @@ def _summary(info: dict, sources: List[_Source]) -> str:
 
 __all__ = ["build_data", "DataBundle", "DataError", "check_vocab", "load_tokenizer", "ByteTokenizer",
            "SentencePieceTokenizer", "train_sentencepiece", "builtin_corpus", "read_documents", "IndexedDataset",
-           "IndexedDatasetWriter", "GPTDataset", "BlendedDataset", "GlobalBatches", "EvalBatches", "eval_batches"]
+           "MegatronIndexedDataset", "IndexedDatasetWriter", "GPTDataset", "BlendedDataset", "GlobalBatches", "EvalBatches", "eval_batches"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -97,7 +97,9 @@ class EvalBatches:
 
     batches: List[Batch] = field(default_factory=list)
     n_tokens: int = 0             # target tokens over all ranks
-    bytes_per_token: float = 1.0  # source bytes per target token over all ranks: bits/byte = loss/ln2/this
+    # source bytes per target token over all ranks: bits/byte = loss/ln2/this; None when the source bytes are
+    # unknown (never a guess). Megatron datasets: the bytes of the decoded documents (megams.data.megatron).
+    bytes_per_token: Optional[float] = 1.0
 
     def __iter__(self):
         return iter(self.batches)
@@ -121,6 +123,9 @@ def eval_batches(dataset, n_batches: int, batch_size: int, dp_rank: int = 0, dp_
     for b in range(n):
         first = b * batch_size + dp_rank * per_rank
         batches.append(_to_batch([dataset.sample(g) for g in range(first, first + per_rank)]))
-    total_bytes = math.fsum(dataset.target_bytes(g) for g in range(n * batch_size))
     n_tokens = n * batch_size * dataset.seq_len
-    return EvalBatches(batches, n_tokens, total_bytes / n_tokens)
+    per_window = [dataset.target_bytes(g) for g in range(n * batch_size)]
+    if any(b is None for b in per_window):
+        return EvalBatches(batches, n_tokens, None)
+    total_bytes = math.fsum(per_window)
+    return EvalBatches(batches, n_tokens, total_bytes / n_tokens if total_bytes > 0 else None)

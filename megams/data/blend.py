@@ -77,7 +77,7 @@ class BlendedDataset:
         i, k = self.locate(g)
         return self.datasets[i].sample(k)
 
-    def target_bytes(self, g: int) -> float:
+    def target_bytes(self, g: int):
         i, k = self.locate(g)
         return self.datasets[i].target_bytes(k)
 

@@ -79,8 +79,12 @@ class GPTDataset:
     def sample(self, g: int) -> np.ndarray:
         return self.window(self.window_index(g))
 
-    def target_bytes(self, g: int) -> float:
-        """Source bytes that sample g's targets (window[1:]) stand for: for bits per byte."""
+    def target_bytes(self, g: int) -> Optional[float]:
+        """Source bytes that sample g's targets (window[1:]) stand for: for bits per byte. O(1) in the number
+        of documents for the megams layout; by decoding the documents the window touches for a Megatron
+        one (megams.data.megatron); None where the bytes cannot be known."""
+        if getattr(self.indexed, "format", "megams") == "megatron" and self.indexed.tokenizer is None:
+            return None
         s = self.window_start(self.window_index(g))
         before = self.indexed.source_bytes_before([s + 1, s + self.seq_len + 1])
         return float(before[1] - before[0])

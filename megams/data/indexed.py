@@ -1,22 +1,32 @@
-"""Memory-mapped indexed dataset: PREFIX.bin (token ids) + PREFIX.idx (document index + metadata).
+"""Memory-mapped indexed datasets: PREFIX.bin (token ids) + PREFIX.idx (document index + metadata).
 
-PREFIX.bin  every document's token ids, concatenated; dtype uint8 (vocab <= 256), uint16 (<= 65536)
-            or int32, little-endian.
-PREFIX.idx  header  "<8sIIQQ": magic b"MEGAMSID", version (1), dtype code (1 uint8, 2 uint16, 3 int32),
-                    number of documents n, length in bytes of the metadata block
-            int64[n + 1]  document token offsets into .bin (0, ..., total tokens)
-            int64[n]      UTF-8 bytes of each source document (bits-per-byte is exact, whatever the tokenizer)
-            metadata      JSON: tokenizer name + fingerprint, vocab_size, eod_id, append_eod, source, ...
+Two layouts are read, told apart by the first bytes of the .idx:
 
-Opening checks the magic, the version, that the dtype can hold the recorded vocabulary, and that the sizes
-agree with each other and with the .bin length, so a truncated or foreign file fails at once with a DataError
-naming it. Token ids are checked against the vocabulary when windows are read (`GPTDataset.window`).
+- megams (`MEGAMSID`, written by tools/preprocess_data.py):
+  PREFIX.bin  every document's token ids, concatenated; dtype uint8 (vocab <= 256), uint16 (<= 65536)
+              or int32, little-endian.
+  PREFIX.idx  header  "<8sIIQQ": magic b"MEGAMSID", version (2), dtype code (1 uint8, 2 uint16, 3 int32),
+                      number of documents n, length in bytes of the metadata block
+              int64[n + 1]  document token offsets into .bin (0, ..., total tokens)
+              int64[n + 1]  cumulative UTF-8 bytes of the source documents (0, ..., total bytes): the bytes
+                            any token range stands for in O(1), for exact bits per byte whatever the tokenizer
+              metadata      JSON: tokenizer name + fingerprint, vocab_size, eod_id, append_eod, source, ...
+  Version 1 (per-document bytes instead of their prefix sum) is still read; its prefix sum is then
+  computed in memory (16 bytes a document): re-tokenize or convert to get version 2.
+- Megatron-LM / GPT-NeoX (`MMIDIDX\\x00\\x00`), see `megams.data.megatron`.
+
+Nothing is read whole: the arrays are memory-mapped and only the pages a lookup touches are read, so
+opening a dataset of 100M documents costs milliseconds and no memory (docs/DATA.md has the numbers).
+Opening checks the magic, the version, that the dtype can hold the recorded vocabulary, and that the
+sizes agree with each other and with the .bin length, so a truncated or foreign file fails at once with
+a DataError naming it. Token ids are checked against the vocabulary when windows are read
+(`GPTDataset.window`).
 """
 from __future__ import annotations
 
-import array
 import json
 import os
+import shutil
 import struct
 from typing import Optional, Sequence
 
@@ -25,10 +35,11 @@ import numpy as np
 from megams.data.errors import DataError
 
 MAGIC = b"MEGAMSID"
-VERSION = 1
+VERSION = 2
 _HEADER = struct.Struct("<8sIIQQ")
 _DTYPES = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 3: np.dtype("<i4")}
 _CODES = {dt: code for code, dt in _DTYPES.items()}
+MEGATRON_MAGIC = b"MMIDIDX\x00\x00"
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
@@ -45,60 +56,142 @@ def exists(prefix: str) -> bool:
     return os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")
 
 
+def index_format(prefix: str) -> str:
+    """'megams', 'megatron' or 'unknown', from the first bytes of PREFIX.idx."""
+    with open(prefix + ".idx", "rb") as f:
+        head = f.read(len(MEGATRON_MAGIC))
+    if head[:len(MAGIC)] == MAGIC:
+        return "megams"
+    return "megatron" if head == MEGATRON_MAGIC else "unknown"
+
+
+def memmap(path: str, dtype, offset: int, count: int) -> np.ndarray:
+    """`count` items of `dtype` at byte `offset` of `path`, memory-mapped (an empty array for 0)."""
+    if count == 0:
+        return np.zeros(0, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,))
+
+
+class _Column:
+    """A growing int64 column spilled to a temporary file: a writer's memory stays flat however many
+    documents it takes (buffered in blocks of 1M values)."""
+
+    def __init__(self, path: str, dtype="<i8"):
+        self.path, self.dtype = path, np.dtype(dtype)
+        self._f = open(path, "wb")
+        self._buf: list = []
+        self._n_buf = 0
+        self.count = 0
+
+    def extend(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=self.dtype)
+        self._buf.append(values)
+        self._n_buf += values.size
+        self.count += values.size
+        if self._n_buf >= 1 << 20:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buf:
+            self._f.write(np.concatenate(self._buf).tobytes())
+            self._buf, self._n_buf = [], 0
+
+    def close(self) -> None:
+        self.flush()
+        self._f.close()
+
+    def copy_to(self, out) -> None:
+        self.close()
+        with open(self.path, "rb") as f:
+            shutil.copyfileobj(f, out, 1 << 22)
+
+    def remove(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+
 class IndexedDatasetWriter:
     """Append documents, then `finalize()`. Files are written under temporary names and moved into place
     with os.replace (.bin first, .idx last), so a crash never leaves a dataset that looks complete.
+    Memory stays flat: the index columns are spilled to temporary files as documents arrive.
 
         with IndexedDatasetWriter(prefix, vocab_size, meta) as w:
             w.add_document(ids, source_bytes)
+
+    `format="megatron"` writes the Megatron-LM / GPT-NeoX layout instead (no metadata, no source bytes:
+    see `megams.data.megatron`).
     """
 
-    def __init__(self, prefix: str, vocab_size: int, meta: Optional[dict] = None):
-        self.prefix = prefix
+    def __init__(self, prefix: str, vocab_size: int, meta: Optional[dict] = None, format: str = "megams"):
+        if format not in ("megams", "megatron"):
+            raise DataError(f"format: expected 'megams' or 'megatron', got {format!r}")
+        self.prefix, self.format = prefix, format
         self.vocab_size = vocab_size
-        self.dtype = dtype_for_vocab(vocab_size)
+        if format == "megatron":
+            from megams.data.megatron import megatron_dtype
+            self.dtype = megatron_dtype(vocab_size)
+        else:
+            self.dtype = dtype_for_vocab(vocab_size)
         self.meta = dict(meta or {}, vocab_size=vocab_size)
         os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
         tag = f".tmp-{os.getpid()}"
         self._bin_tmp, self._idx_tmp = prefix + ".bin" + tag, prefix + ".idx" + tag
         self._bin = open(self._bin_tmp, "wb")
-        self._offsets = array.array("q", [0])  # compact: corpora have millions of documents
-        self._bytes = array.array("q")
+        self._offsets = _Column(prefix + ".offsets" + tag)   # token offset of each document's end
+        self._cum_bytes = _Column(prefix + ".bytes" + tag)   # source bytes up to each document's end
+        self._n_tokens = 0
+        self._n_bytes = 0
+        self._max_len = 0
         self._done = False
 
     def add_document(self, ids: Sequence[int], source_bytes: int = 0) -> None:
         arr = np.asarray(ids)
         if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
-            raise ValueError(f"token id out of range [0, {self.vocab_size}) in document {len(self._bytes)}")
-        self._bin.write(arr.astype(self.dtype, copy=False).tobytes())
-        self._offsets.append(self._offsets[-1] + arr.size)
-        self._bytes.append(int(source_bytes))
+            raise ValueError(f"token id out of range [0, {self.vocab_size}) in document {self.n_documents}")
+        self.add_documents(arr, [arr.size], [source_bytes], checked=True)
 
-    def add_documents(self, flat_ids: np.ndarray, lengths: Sequence[int], source_bytes: Sequence[int]) -> None:
+    def add_documents(self, flat_ids: np.ndarray, lengths: Sequence[int], source_bytes: Sequence[int],
+                      checked: bool = False) -> None:
         """Many documents at once: their ids concatenated, plus each one's length and source bytes."""
         flat_ids = np.asarray(flat_ids)
-        if flat_ids.size and (flat_ids.min() < 0 or flat_ids.max() >= self.vocab_size):
-            raise ValueError(f"token id out of range [0, {self.vocab_size}) after document {len(self._bytes)}")
+        if not checked and flat_ids.size and (flat_ids.min() < 0 or flat_ids.max() >= self.vocab_size):
+            raise ValueError(f"token id out of range [0, {self.vocab_size}) after document {self.n_documents}")
+        lengths = np.asarray(lengths, dtype=np.int64)
         self._bin.write(flat_ids.astype(self.dtype, copy=False).tobytes())
-        self._offsets.extend((self._offsets[-1] + np.cumsum(np.asarray(lengths, dtype=np.int64))).tolist())
-        self._bytes.extend(np.asarray(source_bytes, dtype=np.int64).tolist())
+        if lengths.size:
+            self._max_len = max(self._max_len, int(lengths.max()))
+        ends = self._n_tokens + np.cumsum(lengths)
+        cum = self._n_bytes + np.cumsum(np.asarray(source_bytes, dtype=np.int64))
+        self._offsets.extend(ends)
+        self._cum_bytes.extend(cum)
+        if lengths.size:
+            self._n_tokens, self._n_bytes = int(ends[-1]), int(cum[-1])
 
     @property
     def n_documents(self) -> int:
-        return len(self._bytes)
+        return self._offsets.count
 
     def finalize(self) -> "IndexedDataset":
         self._bin.close()
-        offsets = np.frombuffer(self._offsets, dtype=np.int64).astype("<i8")
-        doc_bytes = np.frombuffer(self._bytes, dtype=np.int64).astype("<i8")
-        meta = dict(self.meta, n_documents=len(doc_bytes), n_tokens=int(offsets[-1]),
-                    source_bytes=int(doc_bytes.sum()))
-        blob = json.dumps(meta, sort_keys=True).encode("utf-8")
+        n = self.n_documents
         with open(self._idx_tmp, "wb") as f:
-            f.write(_HEADER.pack(MAGIC, VERSION, _CODES[self.dtype], len(doc_bytes), len(blob)))
-            f.write(offsets.tobytes())
-            f.write(doc_bytes.tobytes())
-            f.write(blob)
+            if self.format == "megatron":
+                from megams.data.megatron import write_megatron_index
+                write_megatron_index(f, self.dtype, self._offsets, self._max_len)
+            else:
+                meta = dict(self.meta, n_documents=n, n_tokens=self._n_tokens, source_bytes=self._n_bytes)
+                blob = json.dumps(meta, sort_keys=True).encode("utf-8")
+                f.write(_HEADER.pack(MAGIC, VERSION, _CODES[self.dtype], n, len(blob)))
+                zero = np.zeros(1, "<i8").tobytes()
+                f.write(zero)
+                self._offsets.copy_to(f)
+                f.write(zero)
+                self._cum_bytes.copy_to(f)
+                f.write(blob)
+        self._offsets.remove()
+        self._cum_bytes.remove()
         os.replace(self._bin_tmp, self.prefix + ".bin")
         os.replace(self._idx_tmp, self.prefix + ".idx")
         self._done = True
@@ -106,6 +199,8 @@ class IndexedDatasetWriter:
 
     def abort(self) -> None:
         self._bin.close()
+        self._offsets.remove()
+        self._cum_bytes.remove()
         for p in (self._bin_tmp, self._idx_tmp):
             if os.path.exists(p):
                 os.remove(p)
@@ -122,7 +217,18 @@ class IndexedDatasetWriter:
 
 class IndexedDataset:
     """Read-only view of PREFIX.bin/.idx: `len(ds)` documents, `ds.doc(i)`, the flat memory-mapped `ds.tokens`,
-    `ds.doc_offsets`, `ds.doc_bytes` and the metadata dict `ds.meta`."""
+    `ds.doc_offsets`, `ds.cum_bytes` (memory-mapped), and the metadata dict `ds.meta`.
+
+    `IndexedDataset(prefix)` on a Megatron-LM / GPT-NeoX dataset returns a `MegatronIndexedDataset`
+    (the same interface; see megams.data.megatron)."""
+
+    format = "megams"
+
+    def __new__(cls, prefix: str):
+        if cls is IndexedDataset and exists(prefix) and index_format(prefix) == "megatron":
+            from megams.data.megatron import MegatronIndexedDataset
+            return object.__new__(MegatronIndexedDataset)
+        return object.__new__(cls)
 
     def __init__(self, prefix: str):
         self.prefix = prefix
@@ -130,34 +236,47 @@ class IndexedDataset:
         for p in (idx_path, bin_path):
             if not os.path.isfile(p):
                 raise DataError(f"{p}: no such file (an indexed dataset needs PREFIX.bin and PREFIX.idx)")
+        idx_size = os.path.getsize(idx_path)
         with open(idx_path, "rb") as f:
-            raw = f.read()
-        if len(raw) < _HEADER.size or raw[:8] != MAGIC:
+            head = f.read(_HEADER.size)
+        if len(head) < _HEADER.size or head[:8] != MAGIC:
             raise DataError(f"{idx_path}: not a megams index file (bad magic), expected one written by "
                             "tools/preprocess_data.py")
-        _, version, code, n, meta_len = _HEADER.unpack_from(raw)
-        if version != VERSION:
-            raise DataError(f"{idx_path}: index format version {version}, this megams reads version {VERSION}")
+        _, version, code, n, meta_len = _HEADER.unpack_from(head)
+        if version not in (1, VERSION):
+            raise DataError(f"{idx_path}: index format version {version}, this megams reads versions 1 and {VERSION}")
         if code not in _DTYPES:
             raise DataError(f"{idx_path}: corrupted index (unknown dtype code {code})")
-        expected = _HEADER.size + 8 * (n + 1) + 8 * n + meta_len
-        if len(raw) != expected:
-            raise DataError(f"{idx_path}: truncated or corrupted index ({len(raw)} bytes, the header says {expected})")
+        bytes_entries = n + 1 if version == 2 else n
+        expected = _HEADER.size + 8 * (n + 1) + 8 * bytes_entries + meta_len
+        if idx_size != expected:
+            raise DataError(f"{idx_path}: truncated or corrupted index ({idx_size} bytes, the header says {expected})")
         pos = _HEADER.size
-        self.doc_offsets = np.frombuffer(raw, "<i8", n + 1, pos)
-        self.doc_bytes = np.frombuffer(raw, "<i8", n, pos + 8 * (n + 1))
+        self.doc_offsets = memmap(idx_path, "<i8", pos, n + 1)
+        pos += 8 * (n + 1)
+        if version == 2:
+            self.cum_bytes = memmap(idx_path, "<i8", pos, n + 1)
+        else:  # version 1: per-document bytes; their prefix sum in memory
+            self.cum_bytes = np.concatenate([[0], np.cumsum(memmap(idx_path, "<i8", pos, n))]).astype(np.int64)
+        pos += 8 * bytes_entries
+        with open(idx_path, "rb") as f:
+            f.seek(pos)
+            blob = f.read(meta_len)
         try:
-            self.meta = json.loads(raw[expected - meta_len:].decode("utf-8"))
+            self.meta = json.loads(blob.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise DataError(f"{idx_path}: corrupted index (metadata is not JSON)") from None
-        if self.doc_offsets[0] != 0 or np.any(np.diff(self.doc_offsets) < 0):
+        if not isinstance(self.meta, dict):
+            raise DataError(f"{idx_path}: corrupted index (metadata is not a JSON object)")
+        n_tokens = int(self.doc_offsets[-1])
+        # O(1) checks only (the first and last entries); a document range is checked when read
+        if self.doc_offsets[0] != 0 or n_tokens < 0 or self.cum_bytes[0] != 0 or self.cum_bytes[-1] < 0:
             raise DataError(f"{idx_path}: corrupted index (document offsets are not increasing from 0)")
         self.dtype = _DTYPES[code]
-        vocab = self.meta.get("vocab_size") if isinstance(self.meta, dict) else None
+        vocab = self.meta.get("vocab_size")
         if isinstance(vocab, int) and self.dtype.kind == "u" and vocab > 1 << (8 * self.dtype.itemsize):
             raise DataError(f"{idx_path}: dtype mismatch: {self.dtype.name} tokens cannot hold the vocab_size={vocab} "
                             f"its metadata records (expected {dtype_for_vocab(vocab).name})")
-        n_tokens = int(self.doc_offsets[-1])
         bin_size = os.path.getsize(bin_path)
         if bin_size != n_tokens * self.dtype.itemsize:
             other = [dt for dt in _DTYPES.values() if dt != self.dtype and bin_size == n_tokens * dt.itemsize > 0]
@@ -167,37 +286,60 @@ class IndexedDataset:
                                 "written together with this .bin)")
             raise DataError(f"{bin_path}: truncated or corrupted ({bin_size} bytes, the index says {n_tokens} tokens "
                             f"of {self.dtype.itemsize} byte(s) = {n_tokens * self.dtype.itemsize})")
-        # np.memmap refuses empty files
-        self.tokens = np.memmap(bin_path, self.dtype, "r") if n_tokens else np.zeros(0, self.dtype)
-        self._cum_bytes = np.concatenate([[0], np.cumsum(self.doc_bytes)])
+        self.tokens = memmap(bin_path, self.dtype, 0, n_tokens)
 
     def __len__(self) -> int:
-        return len(self.doc_bytes)
+        return len(self.doc_offsets) - 1
 
     @property
     def n_tokens(self) -> int:
         return int(self.doc_offsets[-1])
 
+    @property
+    def source_bytes(self) -> Optional[int]:
+        """UTF-8 bytes of all source documents (None where the layout does not store them)."""
+        return int(self.cum_bytes[-1])
+
+    @property
+    def doc_bytes(self) -> np.ndarray:
+        """Bytes of each source document (reads the whole column: for tests and small datasets)."""
+        return np.diff(np.asarray(self.cum_bytes))
+
+    def doc_start(self, i: int) -> int:
+        return int(self.doc_offsets[i])
+
     def doc(self, i: int) -> np.ndarray:
-        return self.tokens[self.doc_offsets[i]:self.doc_offsets[i + 1]]
+        a, b = int(self.doc_offsets[i]), int(self.doc_offsets[i + 1])
+        if not 0 <= a <= b <= self.n_tokens:
+            raise DataError(f"{self.prefix}.idx: corrupted index (document {i} spans tokens [{a}, {b}) of "
+                            f"{self.n_tokens})")
+        return self.tokens[a:b]
 
     def source_bytes_before(self, positions) -> np.ndarray:
         """Source bytes that the tokens before each stream position stand for: exact at document boundaries,
-        linear inside a document (its bytes spread evenly over its tokens, end-of-document included)."""
+        linear inside a document (its bytes spread evenly over its tokens, end-of-document included).
+        O(log documents) a position: a binary search in the memory-mapped offsets, two prefix-sum reads."""
         pos = np.asarray(positions, dtype=np.int64)
         if len(self) == 0:
             return np.zeros(pos.shape)
         d = np.clip(np.searchsorted(self.doc_offsets, pos, side="right") - 1, 0, len(self) - 1)
-        start, length = self.doc_offsets[d], np.diff(self.doc_offsets)[d]
+        start, stop = self.doc_offsets[d], self.doc_offsets[d + 1]
+        before, after = self.cum_bytes[d], self.cum_bytes[d + 1]
+        length = stop - start
         inside = np.where(length > 0, (pos - start) / np.maximum(length, 1), 0.0)
-        return self._cum_bytes[d] + self.doc_bytes[d] * inside
+        return before + (after - before) * inside
 
     def __repr__(self) -> str:
         return f"IndexedDataset({self.prefix!r}: {len(self)} documents, {self.n_tokens} tokens, {self.dtype})"
 
 
-def check_tokenizer(dataset: IndexedDataset, tokenizer) -> None:
-    """A dataset is only read with the tokenizer that wrote it (same vocabulary, same ids)."""
+def check_tokenizer(dataset: IndexedDataset, tokenizer, cache_dir: Optional[str] = None) -> None:
+    """A dataset is only read with the tokenizer that wrote it (same vocabulary, same ids). A Megatron
+    dataset records no tokenizer: its largest id is checked against the vocabulary instead (once, cached
+    in `cache_dir`), and the tokenizer is attached to it for decoding (bits per byte)."""
+    if dataset.format == "megatron":
+        dataset.use_tokenizer(tokenizer, cache_dir)
+        return
     meta = dataset.meta
     fingerprint, vocab = meta.get("tokenizer_fingerprint"), meta.get("vocab_size")
     if fingerprint != tokenizer.fingerprint or vocab != tokenizer.vocab_size:
