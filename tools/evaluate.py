@@ -38,8 +38,35 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+class ArgumentError(ValueError):
+    pass
+
+
+def check_args(args) -> None:
+    """Refuse what argparse lets through: a window length, stride, batch or window count below 1 (0 used
+    to fall back silently to the training seq_len, or to 1024), a --split that is not three fractions."""
+    for option, value in (("--seq-len", args.seq_len), ("--stride", args.stride), ("--max-windows", args.max_windows),
+                          ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise ArgumentError(f"{option} {value}: expected an integer >= 1")
+    if args.split is not None:
+        parts = args.split.split(",")
+        try:
+            split = [float(x) for x in parts]
+        except ValueError:
+            split = None
+        if split is None or len(split) != 3 or any(not x >= 0 for x in split) or sum(split) <= 0:
+            raise ArgumentError(f"--split {args.split}: expected three non-negative fractions train,valid,test "
+                                "(e.g. 0.9,0.1,0)")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        check_args(args)
+    except ArgumentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     import torch
 
     from megams.checkpoint import CheckpointError, load_pretrained
@@ -61,6 +88,11 @@ def main(argv=None) -> int:
                              args.text_key or train_data.get("text_key", "text"))
             bounds = (0, ds.n_tokens) if args.part == "all" else \
                 split_bounds(ds.n_tokens, split)[("train", "valid", "test").index(args.part)]
+            if bounds[1] - bounds[0] < 2:
+                cut = "" if args.part == "all" else f" (--split {','.join(f'{x:g}' for x in split)})"
+                raise DataError(f"--data {args.data}: the {args.part} part{cut} holds {bounds[1] - bounds[0]} "
+                                f"token(s) of {ds.n_tokens}, too short for one window (at least 2 tokens: one "
+                                "input, one target)")
             result = evaluate_tokens(model, ds.tokens, bounds[0], bounds[1], seq_len, args.stride, args.batch_size,
                                      args.max_windows, ds.source_bytes_before, args.autocast_bf16)
     except (CheckpointError, DataError, ValueError) as e:

@@ -177,12 +177,14 @@ class MegatronIndexedDataset(IndexedDataset):
         if not info["contiguous"]:
             raise DataError(f"{self.prefix}.idx: {info['contiguous_error']} (megams reads the token stream in order; "
                             "rewrite it with tools/preprocess_data.py --convert)")
-        if info["n_tokens"] and (info["max_id"] >= tokenizer.vocab_size or info["min_id"] < 0):
-            bad = info["max_id"] if info["max_id"] >= tokenizer.vocab_size else info["min_id"]
-            raise DataError(f"{self.prefix}.bin: token id {bad} (largest id {info['max_id']}) is outside the vocabulary "
-                            f"of data.tokenizer {getattr(tokenizer, 'model_path', tokenizer.name)} "
-                            f"(vocab_size={tokenizer.vocab_size}): expected the tokenizer this Megatron dataset was "
-                            "made with")
+        name = getattr(tokenizer, "model_path", tokenizer.name)
+        if info["n_tokens"] and info["max_id"] >= tokenizer.vocab_size:
+            raise DataError(f"{self.prefix}.bin: largest token id {info['max_id']} >= vocabulary size "
+                            f"{tokenizer.vocab_size} of data.tokenizer {name} (expected the tokenizer this Megatron "
+                            "dataset was made with)")
+        if info["n_tokens"] and info["min_id"] < 0:
+            raise DataError(f"{self.prefix}.bin: negative token id {info['min_id']} (expected ids in [0, "
+                            f"{tokenizer.vocab_size}) of data.tokenizer {name})")
         self.tokenizer = tokenizer
         self.meta.update(vocab_size=tokenizer.vocab_size, tokenizer=tokenizer.name,
                          tokenizer_fingerprint=tokenizer.fingerprint, eod_id=tokenizer.eod_id,
