@@ -81,8 +81,10 @@ def predict_tp_comm(cfg, batch: int, seq_len: int, tp: int, sequence_parallel: b
             enter(B * m, False)
             leave(B * m, False)
 
-    def upsample(m, k):
+    def upsample(m, k, merge=False):
         L = m * k
+        if sp and merge and cfg.scale_merge != "none" and cfg.upsampling != "linear":  # scales.Merge on shards
+            sp_params(*(norm if cfg.scale_merge == "norm" else (d,)))
         if cfg.upsampling == "linear":
             if sp:
                 rec("all_gather", B * m)  # gather the coarse sequence
@@ -119,7 +121,7 @@ def predict_tp_comm(cfg, batch: int, seq_len: int, tp: int, sequence_parallel: b
             shorten(lens[s - 1], ks[s - 1])
             block(lens[s], cfg.layers_per_scale[s])
         for s in range(1, len(ks) + 1):
-            upsample(lens[s], n // lens[s])
+            upsample(lens[s], n // lens[s], merge=cfg.aggregation == "sum")
         aggregation(len(ks) + 1)
         block(n, cfg.n_post)
     elif cfg.type == "top_down":
@@ -128,7 +130,7 @@ def predict_tp_comm(cfg, batch: int, seq_len: int, tp: int, sequence_parallel: b
             shorten(lens[s - 1], ks[s - 1])
         for s in reversed(range(len(ks) + 1)):
             if s < len(ks):
-                upsample(lens[s + 1], ks[s])
+                upsample(lens[s + 1], ks[s], merge=True)
             block(lens[s], cfg.layers_per_scale[s])
     else:
         raise ValueError(f"unknown model.type {cfg.type!r}")
