@@ -52,6 +52,8 @@ def main(argv=None) -> int:
                    help="keep rows of an earlier run in --out with the same setting and model config")
     t.add_argument("--device", default="cpu", help="cpu | cuda (the larger GPU setting in docs/RESULTS.md)")
     t.add_argument("--models", default=None, help="JSON file {label: ModelConfig fields} replacing the default set")
+    t.add_argument("--seeds", type=int, nargs="*", default=None,
+                   help="one run per seed; rows report mean and std (default: one seed, 1234)")
 
     th = sub.add_parser("throughput", help="tokens/s, TFLOP/s and MFU vs the measured matmul peak")
     common(th, corpus=False)
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
         tradeoff.run(a.corpus, _out(a, "tradeoff"), d=a.d_model, heads=a.heads, L=a.layers, seq_len=a.seq_len,
                      batch=a.batch, steps=a.steps, lr=a.lr, eval_batches=a.eval_batches, eval_every=a.eval_every,
                      threads=a.threads, models=models, only=a.only, device=a.device,
-                     resume=a.resume)
+                     resume=a.resume, seeds=a.seeds)
     elif a.study == "throughput":
         from megams.bench import throughput
         grid = throughput.default_grid(sizes=("d256",), big=None, options_size=None) if a.quick else None

@@ -35,6 +35,8 @@ def default_models(d: int, heads: int, L: int) -> Dict[str, dict]:
             "pooling": "avg", "aggregation": "sum", "upsampling": "repeat", **c},
         f"bottom-up-{n} 0+{n - 3}@16+3": {**lin, "shorten_factors": [16], "layers_per_scale": [0, n - 3],
                                          "n_post": 3},
+        f"bottom-up-{n} 0+{n - 2}@16+2": {**lin, "shorten_factors": [16], "layers_per_scale": [0, n - 2],
+                                         "n_post": 2},
         f"top-down-{n}": {"type": "top_down", "shorten_factors": [4, 4], **c,
                           "layers_per_scale": [td0, td1, n - td0 - td1], "pooling": "linear"},
         f"retina-{L // 2}": {"type": "retina", "n_layers": L // 2, "retina_factors": [4, 16],
@@ -46,46 +48,73 @@ def run(corpus: str, out_dir: str, d: int = 128, heads: int = 4, L: int = 8, seq
         steps: int = 1000, lr: float = 1e-3, eval_batches: int = 16, eval_every: int = 250, threads: int = 2,
         runner=run_fresh, data_cache: str = ".cache/megams-data", device: str = "cpu",
         models: Optional[Dict[str, dict]] = None, only: Optional[List[str]] = None, resume: bool = False,
-        log=print) -> dict:
-    """`resume`: keep the rows of an earlier run in `out_dir` with the same setting and model config
-    (results are written after every model, so an interrupted or extended study continues)."""
+        seeds: Optional[List[int]] = None, log=print) -> dict:
+    """`resume`: keep the runs of an earlier run in `out_dir` with the same setting and model config
+    (results are written after every run, so an interrupted or extended study continues).
+    `seeds`: one run per seed (model init and batch order); a row's `val_bpb` / `val_ppl` /
+    `tokens_per_s` are the means over them, `*_std` the sample standard deviations, `runs` each
+    seed's result. Default: the runner's one seed (1234)."""
     models = models or default_models(d, heads, L)
     if only:
         models = {k: v for k, v in models.items() if any(o in k for o in only)}
+    seeds = list(seeds) if seeds else [DEFAULT_SEED]
     setting = {"corpus": corpus, "d_model": d, "n_heads": heads, "L": L, "seq_len": seq_len, "batch": batch,
                "steps": steps, "tokens": steps * batch * seq_len, "lr": lr, "precision": "fp32",
                "threads": threads, "eval_batches": eval_batches, "device": device}
-    earlier = _earlier_rows(out_dir, setting) if resume else {}
-    rows = []
+    earlier = _earlier_runs(out_dir, setting) if resume else {}
+    runs: Dict[str, Dict[int, dict]] = {}
     t_all = time.time()
     for label, m in models.items():
-        if label in earlier and earlier[label]["model_cfg"] == m:
-            rows.append(earlier[label])
-            log(f"[tradeoff] {label}: kept from the earlier run in {out_dir}")
-            continue
-        t0 = time.time()
-        spec = {"label": label, "model": {"vocab_size": 256, **m}, "data_path": corpus, "seq_len": seq_len,
-                "batch": batch, "steps": steps, "lr": lr, "eval_batches": eval_batches, "eval_every": eval_every,
-                "threads": threads, "precision": "fp32", "data_cache": data_cache,
-                "device": device}
-        r = runner(spec)
-        r["model_cfg"] = m
-        r["wall_s"] = time.time() - t0
-        rows.append(r)
-        _save_partial(out_dir, setting, rows + [v for k, v in earlier.items() if k not in models])
-        log(f"[tradeoff] {label}: val ppl {r.get('val_ppl', float('nan')):.3f} bpb {r.get('val_bpb', float('nan')):.3f} "
-            f"act {r['act_bytes_per_seq'] / report.MiB:.2f} MiB/seq {r['tokens_per_s']:.0f} tok/s ({r['wall_s']:.0f} s)")
+        for seed in seeds:
+            old = earlier.get(label, {}).get(seed)
+            if old is not None and old["model_cfg"] == m:
+                runs.setdefault(label, {})[seed] = old
+                log(f"[tradeoff] {label} seed {seed}: kept from the earlier run in {out_dir}")
+                continue
+            t0 = time.time()
+            spec = {"label": label, "model": {"vocab_size": 256, **m}, "data_path": corpus, "seq_len": seq_len,
+                    "batch": batch, "steps": steps, "lr": lr, "eval_batches": eval_batches,
+                    "eval_every": eval_every, "threads": threads, "precision": "fp32", "data_cache": data_cache,
+                    "device": device, "seed": seed}
+            r = runner(spec)
+            r["model_cfg"], r["seed"], r["wall_s"] = m, seed, time.time() - t0
+            runs.setdefault(label, {})[seed] = r
+            _save_partial(out_dir, setting, runs, earlier)
+            log(f"[tradeoff] {label} seed {seed}: val ppl {r.get('val_ppl', float('nan')):.3f} "
+                f"bpb {r.get('val_bpb', float('nan')):.4f} act {r['act_bytes_per_seq'] / report.MiB:.2f} MiB/seq "
+                f"{r['tokens_per_s']:.0f} tok/s ({r['wall_s']:.0f} s)")
+    rows = [combine(list(by_seed.values())) for by_seed in runs.values()]
     base = next((r for r in rows if r["label"] == f"vanilla-{L // 2}"), rows[0])
     for r in rows:
         r["act_ratio"] = report.ratio(r["act_bytes_per_seq"], base["act_bytes_per_seq"])
     cols = columns(L)
     text = report.table(rows, cols)
-    payload = {"study": "tradeoff", "machine": report.machine(), "setting": setting, "rows": rows,
-               "wall_s": time.time() - t_all}
+    payload = {"study": "tradeoff", "machine": report.machine(), "setting": {**setting, "seeds": seeds},
+               "rows": rows, "wall_s": time.time() - t_all}
     report.write_outputs(out_dir, "tradeoff", payload, text)
     plot(rows, f"{out_dir}/tradeoff.png", setting)
     log(text)
     return payload
+
+
+DEFAULT_SEED = 1234  # megams.bench.runner's default
+MEANS = ("val_bpb", "val_ppl", "tokens_per_s")
+
+
+def combine(runs: List[dict]) -> dict:
+    """One row from the runs of one model over several seeds: the first run's measurements that do
+    not depend on the seed (params, memory, FLOPs, its eval curve), means and sample standard
+    deviations of `MEANS`, and the runs themselves under `runs`."""
+    import statistics
+    row = {k: v for k, v in runs[0].items() if k not in ("seed", "wall_s")}
+    for key in MEANS:
+        vals = [r[key] for r in runs if r.get(key) is not None]
+        if vals:
+            row[key] = statistics.fmean(vals)
+            row[f"{key}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    row["seeds"] = [r["seed"] for r in runs]
+    row["runs"] = runs
+    return row
 
 
 def columns(L: int):
@@ -96,8 +125,18 @@ def columns(L: int):
             ("act MiB/seq (cost model)", lambda r: r["act_bytes_per_seq_est"] / report.MiB),
             ("peak RSS MiB", lambda r: r["peak_rss_bytes"] / report.MiB),
             ("tokens/s", lambda r: r["tokens_per_s"]),
-            ("val ppl", lambda r: f"{r['val_ppl']:.3f}" if r.get("val_ppl") else None),
-            ("val bits/byte", lambda r: f"{r['val_bpb']:.3f}" if r.get("val_bpb") else None)]
+            ("seeds", lambda r: len(r.get("seeds") or [0])),
+            ("val ppl", lambda r: _pm(r, "val_ppl", 3)),
+            ("val bits/byte", lambda r: _pm(r, "val_bpb", 4))]
+
+
+def _pm(r: dict, key: str, digits: int):
+    """mean, or mean ± std over seeds."""
+    if not r.get(key):
+        return None
+    if len(r.get("seeds") or []) > 1:
+        return f"{r[key]:.{digits}f} ± {r[key + '_std']:.{digits}f}"
+    return f"{r[key]:.{digits}f}"
 
 
 def plot(rows: List[dict], path: str, setting: dict) -> None:
@@ -111,7 +150,8 @@ def plot(rows: List[dict], path: str, setting: dict) -> None:
         label = r["label"]
         if top and y > top:
             y, label = top, f"{label} (ppl {r['val_ppl']:.1f}, off scale)"
-        ax.scatter([x], [y], s=40, marker="^" if label != r["label"] else "o")
+        err = r.get("val_ppl_std") if label == r["label"] else None
+        ax.errorbar([x], [y], yerr=[err] if err else None, fmt="^" if label != r["label"] else "o", ms=6, capsize=3)
         ax.annotate(label, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points", rotation=12)
         ev = r.get("evals") or []
         if ev:
@@ -122,7 +162,8 @@ def plot(rows: List[dict], path: str, setting: dict) -> None:
         ax2.set_ylim(bpb[0] * 0.97, bpb[0] * 1.35)
     ax.set_xlabel("activation memory per sequence (MiB, saved for backward, fp32)")
     ax.set_ylabel("validation perplexity (bytes)")
-    ax.set_title(f"equal tokens ({setting['tokens'] / 1e6:.1f}M), d={setting['d_model']}, T={setting['seq_len']}",
+    ax.set_title(f"equal tokens ({setting['tokens'] / 1e6:.1f}M), d={setting['d_model']}, T={setting['seq_len']}"
+                 f" (mean ± std over seeds)",
                  fontsize=9)
     ax.grid(alpha=0.3)
     ax2.set_xlabel("step")
@@ -132,21 +173,31 @@ def plot(rows: List[dict], path: str, setting: dict) -> None:
     report.save_figure(fig, path)
 
 
-def _earlier_rows(out_dir: str, setting: dict) -> Dict[str, dict]:
+def _earlier_runs(out_dir: str, setting: dict) -> Dict[str, Dict[int, dict]]:
+    """{label: {seed: run}} of an earlier study in `out_dir` with the same setting."""
     for name in ("tradeoff.json", "tradeoff.partial.json"):
         try:
             with open(f"{out_dir}/{name}") as f:
                 old = json.load(f)
         except (OSError, ValueError):
             continue
-        if old.get("setting") == setting:
-            return {r["label"]: r for r in old["rows"]}
+        if {k: v for k, v in old.get("setting", {}).items() if k != "seeds"} == setting:
+            out: Dict[str, Dict[int, dict]] = {}
+            for r in old["rows"]:
+                for run in r.get("runs") or [{**r, "seed": DEFAULT_SEED}]:
+                    out.setdefault(r["label"], {})[run["seed"]] = run
+            return out
     return {}
 
 
-def _save_partial(out_dir: str, setting: dict, rows: List[dict]) -> None:
+def _save_partial(out_dir: str, setting: dict, runs: Dict[str, Dict[int, dict]],
+                  earlier: Dict[str, Dict[int, dict]]) -> None:
     import os
     os.makedirs(out_dir, exist_ok=True)
+    merged = {label: dict(by_seed) for label, by_seed in earlier.items()}
+    for label, by_seed in runs.items():
+        merged.setdefault(label, {}).update(by_seed)
+    rows = [{"label": label, "runs": list(by_seed.values())} for label, by_seed in merged.items()]
     with open(f"{out_dir}/tradeoff.partial.json", "w") as f:
         json.dump({"setting": setting, "rows": rows}, f, indent=1)
 

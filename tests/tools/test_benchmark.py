@@ -35,6 +35,23 @@ def test_tradeoff_toy(tmp_path, corpus):
     assert rows["vanilla-1"]["act_ratio"] == pytest.approx(1.0)
     assert all(r["act_bytes_per_seq"] > 0 and r["val_ppl"] > 1 for r in rows.values())
     assert (out / "tradeoff.png").exists() and json.load(open(out / "tradeoff.json"))["study"] == "tradeoff"
+    # seeds: one run per seed, rows hold the mean and std; resume keeps the runs already made
+    calls = []
+
+    def counting(spec):
+        calls.append(spec["seed"])
+        return run_spec(spec)
+    few = {k: models[k] for k in ("vanilla-1", "bottom-up")}
+    kw = dict(d=32, heads=2, L=2, seq_len=32, batch=2, steps=2, eval_batches=1, eval_every=2, threads=1,
+              models=few, data_cache=str(tmp_path / "cache"), log=quiet)
+    res = tradeoff.run(corpus, str(tmp_path / "seeds"), seeds=[1, 2], runner=counting, **kw)
+    assert calls == [1, 2, 1, 2]
+    for r in res["rows"]:
+        bpb = [x["val_bpb"] for x in r["runs"]]
+        assert r["seeds"] == [1, 2] and bpb[0] != bpb[1]  # the seed reaches init and data order
+        assert r["val_bpb"] == pytest.approx(sum(bpb) / 2) and r["val_bpb_std"] == pytest.approx(abs(bpb[0] - bpb[1]) / 2 ** 0.5)
+    res = tradeoff.run(corpus, str(tmp_path / "seeds"), seeds=[1, 2, 3], runner=counting, resume=True, **kw)
+    assert calls[4:] == [3, 3] and all(r["seeds"] == [1, 2, 3] for r in res["rows"])
     # the default model set is well-formed for the documented L
     from megams.config.schema import ModelConfig
     for m in tradeoff.default_models(128, 4, 8).values():
