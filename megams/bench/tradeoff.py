@@ -50,7 +50,8 @@ def run(corpus: str, out_dir: str, d: int = 128, heads: int = 4, L: int = 8, seq
         models: Optional[Dict[str, dict]] = None, only: Optional[List[str]] = None, resume: bool = False,
         seeds: Optional[List[int]] = None, log=print) -> dict:
     """`resume`: keep the runs of an earlier run in `out_dir` with the same setting and model config
-    (results are written after every run, so an interrupted or extended study continues).
+    (results are written after every run, so an interrupted or extended study continues); its
+    models outside this set (`only`) stay in the result with the seeds they had.
     `seeds`: one run per seed (model init and batch order); a row's `val_bpb` / `val_ppl` /
     `tokens_per_s` are the means over them, `*_std` the sample standard deviations, `runs` each
     seed's result. Default: the runner's one seed (1234)."""
@@ -83,6 +84,9 @@ def run(corpus: str, out_dir: str, d: int = 128, heads: int = 4, L: int = 8, seq
             log(f"[tradeoff] {label} seed {seed}: val ppl {r.get('val_ppl', float('nan')):.3f} "
                 f"bpb {r.get('val_bpb', float('nan')):.4f} act {r['act_bytes_per_seq'] / report.MiB:.2f} MiB/seq "
                 f"{r['tokens_per_s']:.0f} tok/s ({r['wall_s']:.0f} s)")
+    for label, by_seed in earlier.items():  # resume: models of the earlier run not in this set stay in it
+        if label not in runs:
+            runs[label] = by_seed
     rows = [combine(list(by_seed.values())) for by_seed in runs.values()]
     base = next((r for r in rows if r["label"] == f"vanilla-{L // 2}"), rows[0])
     for r in rows:

@@ -52,6 +52,10 @@ def test_tradeoff_toy(tmp_path, corpus):
         assert r["val_bpb"] == pytest.approx(sum(bpb) / 2) and r["val_bpb_std"] == pytest.approx(abs(bpb[0] - bpb[1]) / 2 ** 0.5)
     res = tradeoff.run(corpus, str(tmp_path / "seeds"), seeds=[1, 2, 3], runner=counting, resume=True, **kw)
     assert calls[4:] == [3, 3] and all(r["seeds"] == [1, 2, 3] for r in res["rows"])
+    res = tradeoff.run(corpus, str(tmp_path / "seeds"), seeds=[1], runner=counting, resume=True,
+                       **{**kw, "models": {**few, "vanilla-2": models["vanilla-2"]}, "only": ["vanilla-2"]})
+    assert calls[6:] == [1] and {r["label"]: r["seeds"] for r in res["rows"]} == {
+        "vanilla-2": [1], "vanilla-1": [1, 2, 3], "bottom-up": [1, 2, 3]}
     # the default model set is well-formed for the documented L
     from megams.config.schema import ModelConfig
     for m in tradeoff.default_models(128, 4, 8).values():
