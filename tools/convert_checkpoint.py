@@ -7,6 +7,9 @@
 Reads every shard (any tensor / pipeline / data-parallel degree, ZeRO 0-3, fp32 or bf16; fp32 master
 weights where they exist) and writes model.safetensors (or model.pt), config.json, the tokenizer and
 a README. Load the result with `from megams import load_pretrained` (torch only).
+The shards are memory-mapped and each full tensor is assembled from the ranges that hold it and
+written before the next is read: peak memory is about one full tensor, not the model (with
+--weights pt the whole model, which torch.save needs).
 """
 import argparse
 import os
@@ -14,7 +17,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megams.checkpoint import CheckpointError, export_pretrained, read_checkpoint  # noqa: E402
+from megams.checkpoint import CheckpointError  # noqa: E402
+from megams.checkpoint.export import export_checkpoint  # noqa: E402
 
 
 def parse_args(argv):
@@ -31,15 +35,13 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        state = read_checkpoint(args.source)
-        written = export_pretrained(state, args.output_dir, weights=args.weights, dtype=args.dtype,
-                                    tokenizer=args.tokenizer)
+        written, report, n = export_checkpoint(args.source, args.output_dir, weights=args.weights,
+                                               dtype=args.dtype, tokenizer=args.tokenizer)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for line in state.report:
+    for line in report:
         print(line)
-    n = sum(t.numel() for t in state.params.values())
     print(f"wrote {os.path.abspath(args.output_dir)}: {n:,} parameters ({args.dtype}); "
           + ", ".join(os.path.basename(w) for w in written))
     return 0

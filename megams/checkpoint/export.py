@@ -1,11 +1,14 @@
-"""Write a plain-torch model directory (layout: see pretrained.py): from a training checkpoint
+"""Write a plain-torch model directory (layout: see pretrained.py): from a training checkpoint, streamed
+tensor by tensor (`export_checkpoint`, what tools/convert_checkpoint.py runs) or already read
 (`export_pretrained`), from full tensors (`save_pretrained`) or from a plain model (`save_model`)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
-from typing import Dict, List, Optional
+import struct
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -86,11 +89,50 @@ Evaluate with `tools/evaluate.py`, sample with `tools/generate.py` (see docs/CHE
 """
 
 
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16"}
+
+
+def write_safetensors(path: str, shapes: Dict[str, List[int]], fetch: Callable[[str], torch.Tensor],
+                      dtype: torch.dtype, metadata: Optional[Dict[str, str]] = None) -> None:
+    """A .safetensors file written tensor by tensor: the header (names, shapes, offsets) first, then
+    each tensor as `fetch(name)` returns it, so at most one tensor is in memory. Same bytes layout as
+    safetensors' own writer (8-byte little-endian header size, JSON header padded to 8 bytes)."""
+    names = sorted(shapes)
+    width = torch.tensor([], dtype=dtype).element_size()
+    header: Dict[str, object] = {"__metadata__": dict(metadata or {})}
+    offset = 0
+    for n in names:
+        nbytes = math.prod(int(x) for x in shapes[n]) * width
+        header[n] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": [int(x) for x in shapes[n]],
+                     "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for n in names:
+            t = fetch(n).detach().to("cpu", dtype).contiguous()
+            if list(t.shape) != [int(x) for x in shapes[n]]:
+                raise CheckpointError(f"{n}: has shape {list(t.shape)}, expected {list(shapes[n])}")
+            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            del t
+
+
 def save_pretrained(params: Dict[str, torch.Tensor], model_config: dict, output_dir: str, weights: str = "safetensors",
                     dtype: str = "fp32", tokenizer: str = "byte", fingerprint: Optional[str] = None,
                     info: Optional[dict] = None) -> List[str]:
     """Write a model directory (must not exist, or be empty) atomically from full plain tensors
     (tied aliases once). Returns the files written."""
+    return write_model_dir({n: list(t.shape) for n, t in params.items()}, params.__getitem__, model_config,
+                           output_dir, weights, dtype, tokenizer, fingerprint, info)
+
+
+def write_model_dir(shapes: Dict[str, List[int]], fetch: Callable[[str], torch.Tensor], model_config: dict,
+                    output_dir: str, weights: str = "safetensors", dtype: str = "fp32", tokenizer: str = "byte",
+                    fingerprint: Optional[str] = None, info: Optional[dict] = None) -> List[str]:
+    """`save_pretrained` from a tensor source: `fetch(name)` is called once per tensor (streamed into
+    model.safetensors; model.pt needs them all at once, as torch.save does)."""
     if weights not in ("safetensors", "pt"):
         raise CheckpointError(f"weights format {weights!r}: expected safetensors or pt")
     if dtype not in DTYPES:
@@ -103,18 +145,19 @@ def save_pretrained(params: Dict[str, torch.Tensor], model_config: dict, output_
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        tensors = {n: t.detach().to("cpu", DTYPES[dtype]).contiguous() for n, t in params.items()}
         name = "model.safetensors" if weights == "safetensors" else "model.pt"
         if weights == "safetensors":
-            from safetensors.torch import save_file
-            save_file(tensors, os.path.join(tmp, name), metadata={"format": "pt", "megams": EXPORT_FORMAT})
+            write_safetensors(os.path.join(tmp, name), shapes, fetch, DTYPES[dtype],
+                              metadata={"format": "pt", "megams": EXPORT_FORMAT})
         else:
-            torch.save(tensors, os.path.join(tmp, name))
+            torch.save({n: fetch(n).detach().to("cpu", DTYPES[dtype]).contiguous() for n in shapes},
+                       os.path.join(tmp, name))
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump(model_config, f, indent=1)
         written = [name, CONFIG_FILE] + _tokenizer_files(tokenizer, fingerprint, tmp)
         info = {"format": EXPORT_FORMAT, "output": output_dir, "model": model_config,
-                "weights": {"file": name, "dtype": dtype, "parameters": sum(t.numel() for t in tensors.values())},
+                "weights": {"file": name, "dtype": dtype,
+                            "parameters": sum(math.prod(int(x) for x in s) for s in shapes.values())},
                 "tokenizer": "byte" if tokenizer == "byte" else f"sentencepiece {os.path.basename(tokenizer)}",
                 **(info or {})}
         with open(os.path.join(tmp, EXPORT_FILE), "w") as f:
@@ -136,15 +179,42 @@ def save_model(model: torch.nn.Module, output_dir: str, tokenizer: str = "byte",
                            tokenizer=tokenizer, **kwargs)
 
 
+def _export_info(path: str, meta: dict, files: List[str]) -> dict:
+    cfg = meta["config"]
+    return {"source": {"checkpoint": path, "step": int(meta["step"]), "layout": meta["layout"],
+                       "files": [os.path.basename(p) for p in files]},
+            "training": {"data": cfg["data"], "seed": cfg["training"]["seed"],
+                         "precision": cfg["training"]["precision"]},
+            "validation": _validation(path, int(meta["step"]))}
+
+
 def export_pretrained(state: TrainingState, output_dir: str, weights: str = "safetensors", dtype: str = "fp32",
                       tokenizer: Optional[str] = None) -> List[str]:
     """A training checkpoint read by `read_checkpoint` -> a model directory (see pretrained.py)."""
-    cfg = state.meta["config"]
-    spec = tokenizer or cfg["data"]["tokenizer"]
-    info = {"source": {"checkpoint": state.path, "step": state.step, "layout": state.layout,
-                       "files": [os.path.basename(p) for p in state.files]},
-            "training": {"data": cfg["data"], "seed": cfg["training"]["seed"],
-                         "precision": cfg["training"]["precision"]},
-            "validation": _validation(state.path, state.step)}
+    spec = tokenizer or state.meta["config"]["data"]["tokenizer"]
     return save_pretrained(state.params, state.model_config, output_dir, weights, dtype, spec,
-                           None if tokenizer else state.meta.get("tokenizer"), info)
+                           None if tokenizer else state.meta.get("tokenizer"),
+                           _export_info(state.path, state.meta, state.files))
+
+
+def export_checkpoint(path: str, output_dir: str, weights: str = "safetensors", dtype: str = "fp32",
+                      tokenizer: Optional[str] = None, checksums: bool = True) -> Tuple[List[str], List[str], int]:
+    """A training checkpoint -> a model directory, streamed: each full tensor is assembled from the
+    memory-mapped shards that hold it and written before the next is read (peak memory: one full
+    tensor plus its shards' scratch; with weights="pt" the whole model, which torch.save needs).
+    Returns (files written, report lines, parameter count)."""
+    from megams.checkpoint.reader import describe
+    from megams.checkpoint.sharded import open_checkpoint
+    src = open_checkpoint(path, checksums=checksums)
+    paths = list(dict.fromkeys(src.files.all_files()))  # every file there and readable before any is used
+    for p in paths:
+        src.load(p)
+    meta = src.meta
+    spec = tokenizer or meta["config"]["data"]["tokenizer"]
+    shapes = {n: src.plain_shape(n) for n in src.names()}
+    written = write_model_dir(shapes, src.read, meta["config"]["model"], output_dir, weights, dtype, spec,
+                              None if tokenizer else meta.get("tokenizer"), _export_info(src.path, meta, paths))
+    st = src.stats
+    report = describe(src, len(paths)) + [f"streamed tensor by tensor: {st.read / 2 ** 20:.1f} MiB read, largest "
+                                          f"scratch buffer {st.peak_transient / 2 ** 20:.1f} MiB"]
+    return written, report, sum(math.prod(int(x) for x in s) for s in shapes.values())

@@ -29,8 +29,7 @@ import torch
 
 from megams.checkpoint.errors import CheckpointError
 from megams.checkpoint.manifest import META_FILE
-from megams.checkpoint.serialization import DeepSpeedObject, load_shard
-from megams.checkpoint.zero import merge_zero12, merge_zero3
+from megams.checkpoint.serialization import DeepSpeedObject
 
 FORMAT = "megams-checkpoint/2"
 FORMATS = ("megams-checkpoint/1", FORMAT)  # /1: before the manifest (files then only pass the pickle scan)
@@ -171,151 +170,40 @@ class _Files:
         return files
 
 
-# --- one model-parallel rank --------------------------------------------------------------------
-def _zero_state(opt: dict, zero: int) -> tuple:
-    """(fp32 flat groups, base optimizer state dict) of one ZeRO optimizer file."""
-    osd = opt["optimizer_state_dict"]
-    if zero == 3:
-        return osd["fp32_flat_groups"], osd["optimizer_state_dict"]
-    return osd["single_partition_of_fp32_groups"], osd["base_optimizer_state"]
-
-
-def _as_int(step) -> int:
-    return int(step.item()) if torch.is_tensor(step) else int(step)
-
-
-def _read_mp_rank(files: _Files, rec: dict, loaded: Dict[str, object], optimizer: bool, where: str) -> tuple:
-    """(params, moments or None, adam step) of one model-parallel rank, by engine name, local shapes."""
-    m, zero = rec["mp_rank"], files.zero
-    model_sd = loaded[files.model_file(m)]
-    moments = None
-    adam_step = None
-    if zero == 0:
-        module = model_sd.get("module")
-        params = {}
-        if module is not None:
-            params = {n: t.float() for n, t in module.items()}
-        if optimizer and model_sd.get("optimizer") is not None:
-            osd = model_sd["optimizer"]
-            moments = {"exp_avg": {}, "exp_avg_sq": {}}
-            for names, group in zip(rec["groups"], osd["param_groups"]):
-                if len(names) != len(group["params"]):
-                    raise CheckpointError(f"{where}: optimizer group holds {len(group['params'])} parameters, the "
-                                          f"layout record {len(names)}")
-                for name, idx in zip(names, group["params"]):
-                    st = osd["state"].get(idx)
-                    if st:
-                        moments["exp_avg"][name] = st["exp_avg"].float()
-                        moments["exp_avg_sq"][name] = st["exp_avg_sq"].float()
-                        adam_step = _as_int(st["step"])
-    else:
-        shapes = model_sd["param_shapes"]
-        opts = [loaded[files.optim_file(m, d)] for d in range(files.dp)]
-        states = [_zero_state(o, zero) for o in opts]
-        kinds = {"fp32": [s[0] for s in states]}
-        if optimizer:
-            for key in ("exp_avg", "exp_avg_sq"):
-                kinds[key] = [[s[1]["state"][g][key] for g in range(len(shapes))] for s in states]
-            first = states[0][1]["state"].get(0, {})
-            adam_step = _as_int(first["step"]) if "step" in first else None
-        paddings = opts[0]["optimizer_state_dict"].get("param_alignment_paddings")
-        merged = {}
-        for key, parts in kinds.items():
-            try:
-                merged[key] = (merge_zero3(shapes, parts, where) if zero == 3
-                               else merge_zero12(shapes, parts, paddings, where))
-            except ValueError as e:
-                raise CheckpointError(str(e)) from None
-        params = merged.pop("fp32")
-        moments = merged or None
-    # pipeline stages keep their module in layer files: the fp32 master (ZeRO >= 1) wins where it exists
-    for name, _, _, _, layer in rec["params"]:
-        if layer is not None and name not in params:
-            sd = loaded[files.layer_file(layer[0], rec["tp"])]
-            if layer[1] not in sd:
-                raise CheckpointError(f"{where}: layer file of layer {layer[0]} has no {layer[1]!r}")
-            params[name] = sd[layer[1]].float()
-    return params, moments, adam_step
-
-
-# --- the whole model ----------------------------------------------------------------------------
-def _assemble(record: dict, per_rank: Dict[int, dict], tp_size: int, where: str) -> Dict[str, torch.Tensor]:
-    """Engine-named local shards of every mp rank -> full plain tensors."""
-    pieces: Dict[str, Dict[int, tuple]] = {}
-    for rec in record["mp_ranks"]:
-        values = per_rank[rec["mp_rank"]]
-        for name, plain, shape, dim, _ in rec["params"]:
-            plain = record["tied"].get(plain, plain)  # a stage's copy of a tied weight is the same weight
-            if name not in values:
-                continue
-            pieces.setdefault(plain, {}).setdefault(rec["tp"], (values[name], dim))  # first stage wins
-    out = {}
-    for plain, full in record["plain"].items():
-        got = pieces.get(plain)
-        if not got:
-            raise CheckpointError(f"{where}: no shard holds parameter {plain}")
-        dims = {dim for _, dim in got.values()}
-        if dims == {None}:
-            tensor = got[min(got)][0]
-        else:
-            if len(dims) != 1 or sorted(got) != list(range(tp_size)):
-                raise CheckpointError(f"{where}: parameter {plain} has shards of tensor ranks {sorted(got)} "
-                                      f"(partition dims {sorted(d for d in dims if d is not None)}), expected "
-                                      f"ranks 0..{tp_size - 1} along one dim")
-            dim = dims.pop()
-            tensor = torch.cat([got[t][0] for t in range(tp_size)], dim).narrow(dim, 0, full[dim])
-        if list(tensor.shape) != list(full):
-            raise CheckpointError(f"{where}: parameter {plain} assembles to shape {list(tensor.shape)}, the model "
-                                  f"has {list(full)}")
-        out[plain] = tensor.contiguous()
-    return out
-
-
+# --- the whole model, tensor by tensor ---------------------------------------------------------------
 def read_checkpoint(path: str, optimizer: bool = False, checksums: bool = True) -> TrainingState:
     """Every shard of a training checkpoint (any dp / tp / pp / ZeRO stage / precision) -> full fp32
     tensors under the plain model's names (+ AdamW moments with `optimizer=True`). Every file is first
-    checked against the checkpoint's manifest (sizes, sha256 unless `checksums=False`)."""
-    ckpt = resolve_checkpoint(path)
-    meta = read_meta(ckpt)
-    from megams.checkpoint.manifest import verify
-    verify(ckpt, meta, checksums=checksums)
+    checked against the checkpoint's manifest (sizes, sha256 unless `checksums=False`), then opened
+    memory-mapped (its pickle read and checked) before any tensor is copied; the tensors are then
+    assembled one at a time (megams.checkpoint.sharded). For one rank's share, or to stream a
+    conversion, use `sharded.open_checkpoint` and read per tensor instead."""
+    from megams.checkpoint.sharded import open_checkpoint
+    src = open_checkpoint(path, checksums=checksums)
+    files = src.files
+    paths = list(dict.fromkeys(files.all_files()))  # every file a layout needs is there ...
+    for p in paths:
+        src.load(p)                                  # ... and is a readable DeepSpeed file
     try:
-        record = parameter_record(meta)
-    except CheckpointError as e:
-        raise CheckpointError(f"{os.path.join(ckpt, META_FILE)}: {e}") from None
-    files = _Files(ckpt, meta, record)
-    paths = files.all_files()
-    loaded = {p: load_shard(p) for p in dict.fromkeys(paths)}
-    for p, sd in loaded.items():
-        if not isinstance(sd, dict) or not (("module" in sd) or ("optimizer_state_dict" in sd) or p.count("layer_")):
-            raise CheckpointError(f"{p}: truncated or corrupted checkpoint shard (not a DeepSpeed state dict)")
+        params = {n: src.read(n) for n in src.names()}
+        opt = None
+        if optimizer and src.optimizer:
+            opt = {n: {k: src.read(n, k) for k in ("exp_avg", "exp_avg_sq")} for n in params}
+        adam_step = src.adam_step() if optimizer else None
+    except KeyError as e:
+        raise CheckpointError(f"{src.path}: truncated or corrupted checkpoint shard (missing entry {e})") from None
+    return TrainingState(src.path, src.meta, params, opt, adam_step, paths, describe(src, len(paths)))
 
-    per_rank, moments, steps = {}, {}, set()
-    for rec in record["mp_ranks"]:
-        where = f"{ckpt} (model-parallel rank {rec['mp_rank']})"
-        try:
-            params, mom, adam_step = _read_mp_rank(files, rec, loaded, optimizer, where)
-        except KeyError as e:
-            raise CheckpointError(f"{where}: truncated or corrupted checkpoint shard (missing entry {e})") from None
-        per_rank[rec["mp_rank"]] = params
-        if mom is not None:
-            moments[rec["mp_rank"]] = mom
-        if adam_step is not None:
-            steps.add(adam_step)
-    params = _assemble(record, per_rank, files.tp, ckpt)
-    opt = None
-    if optimizer and len(moments) == len(per_rank):
-        exp_avg = _assemble(record, {m: v["exp_avg"] for m, v in moments.items()}, files.tp, ckpt)
-        exp_avg_sq = _assemble(record, {m: v["exp_avg_sq"] for m, v in moments.items()}, files.tp, ckpt)
-        opt = {n: {"exp_avg": exp_avg[n], "exp_avg_sq": exp_avg_sq[n]} for n in params}
 
+def describe(src, n_files: int) -> List[str]:
+    """What a conversion reports it read."""
+    files = src.files
     source = ("module weights (fp32)" if files.zero == 0 else f"fp32 master weights from the ZeRO-{files.zero} "
               f"optimizer partitions of {files.dp} data-parallel rank(s)")
-    report = [f"read {ckpt} (step {meta['step']}; layout {files.describe}): {len(loaded)} files",
-              f"weights: {source}" + (f"; {files.tp} tensor-parallel shards merged along their partition dims"
-                                      if files.tp > 1 else "") + (f"; {files.pp} pipeline stages mapped to "
-                                                                  "plain-model names" if files.pp > 1 else "")]
-    return TrainingState(ckpt, meta, params, opt, steps.pop() if len(steps) == 1 else None, list(loaded), report)
+    return [f"read {src.path} (step {src.meta['step']}; layout {files.describe}): {n_files} files",
+            f"weights: {source}" + (f"; {files.tp} tensor-parallel shards merged along their partition dims"
+                                    if files.tp > 1 else "") + (f"; {files.pp} pipeline stages mapped to "
+                                                                "plain-model names" if files.pp > 1 else "")]
 
 
 __all__ = ["read_checkpoint", "resolve_checkpoint", "read_meta", "TrainingState", "DeepSpeedObject", "META_FILE"]
