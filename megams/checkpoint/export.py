@@ -212,8 +212,11 @@ def export_checkpoint(path: str, output_dir: str, weights: str = "safetensors", 
     meta = src.meta
     spec = tokenizer or meta["config"]["data"]["tokenizer"]
     shapes = {n: src.plain_shape(n) for n in src.names()}
-    written = write_model_dir(shapes, src.read, meta["config"]["model"], output_dir, weights, dtype, spec,
-                              None if tokenizer else meta.get("tokenizer"), _export_info(src.path, meta, paths))
+    try:
+        written = write_model_dir(shapes, src.read, meta["config"]["model"], output_dir, weights, dtype, spec,
+                                  None if tokenizer else meta.get("tokenizer"), _export_info(src.path, meta, paths))
+    except KeyError as e:
+        raise CheckpointError(f"{src.path}: truncated or corrupted checkpoint shard (missing entry {e})") from None
     st = src.stats
     report = describe(src, len(paths)) + [f"streamed tensor by tensor: {st.read / 2 ** 20:.1f} MiB read, largest "
                                           f"scratch buffer {st.peak_transient / 2 ** 20:.1f} MiB"]

@@ -285,15 +285,18 @@ def start_from(engine, scheduler, cfg, layout, record: dict, source: str,
         if not src.has(plain):
             raise CheckpointError(f"checkpoint.load_from: {missing_parameter(src.path, plain)}")
     meta = getattr(src, "meta", None)
-    carry_opt = meta is not None and src.optimizer
     step = int(meta["step"]) if meta is not None else 0
-    adam_step = src.adam_step() if carry_opt else None
-    writer = _Writer(engine, mine["groups"], adam_step if adam_step is not None else step, layout.dp_rank)
+    writer = _Writer(engine, mine["groups"], step, layout.dp_rank)
     by_name = dict(engine.module.named_parameters())
+    carry_opt = None
     try:
         for name, plain, shape, dim in wanted:
             p = by_name[name]
             writer.weights(p, read_piece(src, plain, "param", shape, dim, tp_rank))
+            if carry_opt is None:  # asked once this rank's first file is open (it need open no other)
+                carry_opt = meta is not None and src.optimizer
+                adam_step = src.adam_step() if carry_opt else None
+                writer.step = float(adam_step if adam_step is not None else step)
             if carry_opt:
                 writer.moments(p, {k: read_piece(src, plain, k, shape, dim, tp_rank) for k in ("exp_avg", "exp_avg_sq")})
     except KeyError as e:

@@ -225,7 +225,6 @@ class CheckpointSource(Source):
                 plain = tied.get(plain, plain)  # a stage's copy of a tied weight is the same weight
                 self.index.setdefault(plain, {}).setdefault(
                     rec["tp"], _Shard(rec["mp_rank"], rec["tp"], name, list(shape), dim, layer))  # first stage wins
-        self.optimizer = self.zero >= 1 or self._zero0_has_optimizer()
 
     # files
     def load(self, path: str):
@@ -238,9 +237,14 @@ class CheckpointSource(Source):
             self.stats.files.append(path)
         return self._open[path]
 
-    def _zero0_has_optimizer(self) -> bool:
-        return self.zero == 0 and all(self.load(self.files.model_file(m)).get("optimizer") is not None
-                                      for m in self.ranks)
+    @property
+    def optimizer(self) -> bool:
+        """Whether AdamW state is there (ZeRO >= 1: always; ZeRO-0: in the model files, asked of one
+        already open, so that a rank opens no file it does not need)."""
+        if self.zero >= 1:
+            return True
+        opened = [f for f in (self.files.model_file(m) for m in self.ranks) if f in self._open]
+        return self.load(opened[0] if opened else self.files.model_file(min(self.ranks))).get("optimizer") is not None
 
     # names
     def names(self) -> List[str]:
@@ -299,6 +303,9 @@ class CheckpointSource(Source):
                     part = math.ceil(n / self.dp)
                     where[name] = (g, off, n, part)
                     off += part
+            if off > sum(sizes):
+                raise CheckpointError(f"{self.path} (model-parallel rank {m}): ZeRO-3 partitions hold {sum(sizes)} "
+                                      f"elements per rank, fewer than its parameters need ({off})")
             info = {"where": where, "sizes": sizes}
         else:
             pads = opt0.get("param_alignment_paddings")
@@ -310,6 +317,10 @@ class CheckpointSource(Source):
                     n = math.prod(int(x) for x in shape)
                     where[name] = (g, off, n, None)
                     off += n + int(pad)
+                if g >= len(sizes) or off > self.dp * sizes[g]:
+                    held = self.dp * sizes[g] if g < len(sizes) else 0
+                    raise CheckpointError(f"{self.path} (model-parallel rank {m}): ZeRO partitions of param group {g} "
+                                          f"hold {held} elements, fewer than its parameters need ({off})")
             info = {"where": where, "sizes": sizes}
         self._zmeta[m] = info
         return info
@@ -419,11 +430,14 @@ class CheckpointSource(Source):
         return flat
 
     def adam_step(self) -> Optional[int]:
-        """The optimizer's own step count, if every mp rank agrees (None without optimizer state)."""
+        """The optimizer's own step count, if the mp ranks agree (None without optimizer state). Asked
+        of the ranks whose files are already open (a rank reading its share), else of all."""
         if not self.optimizer:
             return None
         steps = set()
-        for m in self.ranks:
+        which = self.files.model_file if self.zero == 0 else (lambda m: self.files.optim_file(m, 0))
+        opened = [m for m in self.ranks if which(m) in self._open]
+        for m in opened or list(self.ranks):
             if self.zero == 0:
                 st = self.load(self.files.model_file(m))["optimizer"]["state"]
                 first = next(iter(st.values()), {})
