@@ -9,6 +9,7 @@
 - `serialization.py` reading DeepSpeed files with weights_only=True (no deepspeed import)
 - `zero.py`        ZeRO 1/2/3 flat partitions -> named tensors
 - `reader.py`      a checkpoint directory -> full fp32 tensors (+ optimizer moments) by plain name
+- `sharded.py`     the lazy reader under it: one rank's box of one parameter from memory-mapped shards
 - `export.py` / `pretrained.py`  the plain-torch model directory, written and read
 - `reshard.py`     start training from another layout (trainer's `checkpoint.load_from`)
 No module here imports deepspeed at import time (reading checkpoints never needs it); `reshard.py`

@@ -5,10 +5,11 @@ the layout of this one. Called by the trainer with a live DeepSpeed engine.
     step, data_state = start_from(engine, scheduler, cfg, layout, recorded, source, log)
     check_resume(meta, cfg, layout, ckpt)                          # before resuming a run in place
 
-How `start_from` works: every rank reads the source (any dp / tp / pp / ZeRO stage / precision, or a
-plain-torch directory) into full fp32 tensors by plain-model name (`reader.read_checkpoint`), cuts
-its own piece of each parameter the way this run's layout needs it (tensor shard along the recorded
-`partition_dim`, vocabulary padded, ZeRO partition), and writes it into the engine:
+How `start_from` works: every rank opens the source (any dp / tp / pp / ZeRO stage / precision, or a
+plain-torch directory) lazily (`sharded.py`) and reads, tensor by tensor, only its own piece of each
+parameter the way this run's layout needs it (tensor shard along the recorded `partition_dim`,
+vocabulary padded; then its ZeRO partition), from only the source shards and flat ranges that hold
+it, and writes it into the engine (through DeepSpeed's public API where there is one, see _Writer):
   - the module's weights (bf16 ones rounded from the fp32 value),
   - the fp32 master weights DeepSpeed keeps for ZeRO >= 1 / bf16 (exact, not re-rounded from bf16),
   - AdamW's exp_avg / exp_avg_sq and step, into the base optimizer's state for this rank's flat
