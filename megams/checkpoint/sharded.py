@@ -160,8 +160,8 @@ class Source:
         crop = _ranges(self.plain_shape(name))
         for shard_box, local_shape, handle in self._shards(name, kind):
             got = _intersect(want, shard_box)
-            got = got and _intersect(got, crop)
-            if not got:
+            got = None if got is None else _intersect(got, crop)
+            if got is None:  # ([] is a 0-d parameter's whole box)
                 continue
             local = [(lo - s0, hi - s0) for (lo, hi), (s0, _) in zip(got, shard_box)]
             yield want, got, local, local_shape, handle

@@ -5,7 +5,7 @@ entries, ZeRO-1 flat partitions, pipeline layer files, padded vocabulary), with 
 
 A small transformer-like plain model: embed.weight [V, d] (split on dim 0, padded), per layer a
 replicated norm [d], a column-parallel wq [h, d] (dim 0), its bias [h] (dim 0), a row-parallel wo
-[d, h] (dim 1), then norm_f [d] and the tied head (= embed.weight). Values are fixed functions of
+[d, h] (dim 1), then norm_f [d], a 0-d gate and the tied head (= embed.weight). Values are fixed functions of
 the name, so any slice can be checked against `full_tensors`.
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ def plain_model(layers: int, d: int, h: int, vocab: int) -> Dict[str, tuple]:
         out[f"blocks.{i}.wq.bias"] = ((h,), 0, i + 1)
         out[f"blocks.{i}.wo.weight"] = ((d, h), 1, i + 1)
     out["norm_f.weight"] = ((d,), None, layers + 1)
+    out["norm_f.gate"] = ((), None, layers + 1)  # a 0-d parameter
     return out
 
 
@@ -35,7 +36,7 @@ def full_tensors(model: Dict[str, tuple], kind: str = "param") -> Dict[str, torc
     out = {}
     for k, (name, (shape, _, _)) in enumerate(sorted(model.items())):
         g = torch.Generator().manual_seed(1000 * k + len(name))
-        t = torch.randn(*shape, generator=g)
+        t = torch.randn(tuple(shape), generator=g)
         out[name] = {"param": t, "exp_avg": t * 0.1 + 1.0, "exp_avg_sq": t * t}[kind]
     return out
 
