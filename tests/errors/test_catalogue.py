@@ -411,3 +411,20 @@ def test_exit_codes_are_documented():
         text = f.read()
     for code, meaning in ((0, "finished"), (1, "internal error"), (2, "bad input")):
         assert f"| {code} | {meaning}" in text
+
+
+def test_checkpoint__load_from_missing_parameter(entry, capsys, tmp_path, inputs, trained_run):
+    """A checkpoint of an older megams: its megams.json record lacks a parameter this model has."""
+    import json
+    old = tmp_path / "old"
+    shutil.copytree(os.path.join(trained_run, CKPT), old)
+    meta = json.loads((old / "megams.json").read_text())
+    rec = meta["parameters"]
+    rec["plain"].pop("norm_f.bias")
+    for r in rec["mp_ranks"]:
+        r["params"] = [p for p in r["params"] if p[1] != "norm_f.bias"]
+    (old / "megams.json").write_text(json.dumps(meta))
+    argv = trained_args(inputs, tmp_path / "run", f"checkpoint.load_from={old}")
+    out = _unchanged_after(str(old), lambda: run_trainer(capsys, argv))
+    entry.check(out, f"checkpoint.load_from: {old}: has no parameter norm_f.bias (the model expects it; was it "
+                "written by an older megams?)")
