@@ -509,7 +509,8 @@ class PretrainedSource(Source):
         out = torch.zeros([hi - lo for lo, hi in want], dtype=torch.float32)
         got = _intersect(want, _ranges(shape))
         if got is not None:
-            part = self._st.get_slice(name)[tuple(slice(lo, hi) for lo, hi in got)]
+            part = self._st.get_slice(name)[tuple(slice(lo, hi) for lo, hi in got)] if shape else \
+                self._st.get_tensor(name)
             dst = out
             for d, ((lo, hi), (w0, _)) in enumerate(zip(got, want)):
                 dst = dst.narrow(d, lo - w0, hi - lo)

@@ -205,9 +205,23 @@ def test_pretrained_directory_is_read_per_slice(tmp_path):
     from safetensors.torch import load_file
     assert all(torch.equal(load_file(str(tmp_path / "model.safetensors"))[n], t) for n, t in fulls.items())
     src = open_source(str(tmp_path))
+    for n, t in fulls.items():
+        assert torch.equal(src.read(n), t), n
+    src.stats.read = 0
     wo = fulls["blocks.0.wo.weight"]
     assert torch.equal(src.read("blocks.0.wo.weight", dim=1, start=8, length=8), wo[:, 8:16])
     assert src.stats.read == wo[:, 8:16].numel() * 4  # only that slice came off the file
     emb = fulls["embed.weight"]
     got = src.read("embed.weight", dim=0, start=96, length=8)  # past the vocabulary: zeros
     assert torch.equal(got[:4], emb[96:]) and not got[4:].any()
+
+
+def test_pretrained_pt_directory(tmp_path):
+    fulls = full_tensors(MODEL)
+    (tmp_path / "config.json").write_text("{}")
+    torch.save(fulls, tmp_path / "model.pt")
+    src = open_source(str(tmp_path))
+    for n, t in fulls.items():
+        assert torch.equal(src.read(n), t), n
+    wq = fulls["blocks.1.wq.weight"]
+    assert torch.equal(src.read("blocks.1.wq.weight", dim=0, start=16, length=16), wq[16:])
