@@ -35,7 +35,7 @@ _HEADER = struct.Struct("<9sQBQQ")  # 34 bytes
 DTYPES = {1: np.dtype("<u1"), 2: np.dtype("<i1"), 3: np.dtype("<i2"), 4: np.dtype("<i4"), 5: np.dtype("<i8"),
           6: np.dtype("<f8"), 7: np.dtype("<f4"), 8: np.dtype("<u2")}
 CODES = {dt: code for code, dt in DTYPES.items()}
-_CHUNK = 1 << 22  # items a scan reads at once (bounded memory, no memory map kept resident)
+_CHUNK = 1 << 20  # items a scan reads at once (bounded memory, no memory map kept resident)
 
 
 def megatron_dtype(vocab_size: int) -> np.dtype:

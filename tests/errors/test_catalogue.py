@@ -428,3 +428,37 @@ def test_checkpoint__load_from_missing_parameter(entry, capsys, tmp_path, inputs
     out = _unchanged_after(str(old), lambda: run_trainer(capsys, argv))
     entry.check(out, f"checkpoint.load_from: {old}: has no parameter norm_f.bias (the model expects it; was it "
                 "written by an older megams?)")
+
+
+# --- data at scale and interoperability (issue 16) ------------------------------------------------
+def test_config__evaluate_bad_number(entry, capsys, tmp_path):
+    for option in ("--seq-len", "--stride", "--max-windows", "--batch-size"):
+        out = run_tool(capsys, "evaluate", [tmp_path, option, "0"])
+        entry.check(out, f"{option} 0", "expected an integer >= 1")
+
+
+def test_config__evaluate_bad_split(entry, capsys, tmp_path):
+    for split in ("a,b", "0.9,0.1", "0.5,-1,0.5"):
+        entry.check(run_tool(capsys, "evaluate", [tmp_path, "--split", split]), f"--split {split}",
+                    "three non-negative fractions")
+
+
+def test_data__megatron_vocab_exceeded(entry, capsys, tmp_path):
+    from tests.data.test_megatron import byte_docs, write_mmidx
+    docs = byte_docs(["some text"] * 200)
+    docs[7][3] = 300  # not a byte
+    write_mmidx(str(tmp_path / "mega"), docs)
+    out = run_trainer(capsys, _fresh(tmp_path, f"data.path={tmp_path / 'mega'}"))
+    entry.check(out, f"{tmp_path / 'mega'}.bin: largest token id 300 >= vocabulary size 256", "data.tokenizer byte")
+
+
+def test_data__eval_too_short(entry, capsys, tmp_path):
+    from megams.checkpoint import save_model
+    from megams.models import build_model
+    from tests.models.cases import tiny
+    save_model(build_model(tiny("vanilla", vocab_size=256, max_seq_len=64), seed=0).eval(), str(tmp_path / "m"))
+    short = tmp_path / "short.txt"
+    short.write_text("hello")  # 6 tokens with the eod: its valid part of 10% is empty
+    out = run_tool(capsys, "evaluate", [tmp_path / "m", "--data", short, "--part", "valid", "--split", "0.9,0.1,0"])
+    entry.check(out, f"--data {short}: the valid part (--split 0.9,0.1,0) holds 1 token(s) of 6",
+                "too short for one window")
