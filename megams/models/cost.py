@@ -38,6 +38,10 @@ class LayerCost:
     flops: float             # fwd+bwd FLOPs for one sequence
     activation_bytes: float  # saved-for-backward bytes for one sequence (estimate)
     params: int              # parameters owned (tied head weight counted once, in `embed`)
+    # how `activation_bytes` splits (for tensor parallelism and activation checkpointing):
+    sharded_bytes: float = 0.0  # ... the part a tensor-parallel layer splits over the tensor ranks (heads, MLP, vocab)
+    attn_bytes: float = 0.0     # ... the part the attention sublayer saves (recomputed by mode=attention; sharded)
+    input_bytes: float = 0.0    # what a checkpointed block keeps instead: its input
 
 
 # --- parameters -------------------------------------------------------------------------------
@@ -65,15 +69,27 @@ def _mlp_flops(cfg: ModelConfig, rows: int) -> float:
 def _block(cfg: ModelConfig, L: int, key_pairs: float, extra_flops: float = 0.0,
            extra_elems: float = 0.0) -> tuple[float, float]:
     """(forward flops, saved elements) of one Block over L positions with `key_pairs` (q, k) pairs."""
+    flops, parts = _block_parts(cfg, L, key_pairs, extra_flops, extra_elems)
+    return flops, sum(parts.values())
+
+
+def _block_parts(cfg: ModelConfig, L: int, key_pairs: float, extra_flops: float = 0.0,
+                 extra_elems: float = 0.0) -> tuple[float, dict]:
+    """Forward flops and the saved elements of one Block, by part: `norm` (the residual stream:
+    both norms' inputs and outputs, replicated over tensor ranks), `attn` (q, k, v, the attention
+    output and its per-head statistics, + retina's gathered windows: split by heads), `mlp`
+    (the hidden activations: split)."""
     d = cfg.d_model
     flops = 2.0 * L * 4 * d * d + _mlp_flops(cfg, L) + 4.0 * d * key_pairs + extra_flops
     ffn_saved = (4 if cfg.mlp == "swiglu" else 2) * cfg.ffn_size
     norm_saved = 2 * d if cfg.norm == "rmsnorm" else 0  # torch's RMSNorm also keeps its normalised input
-    elems = L * (_BLOCK_D * d + ffn_saved + norm_saved + 4 * cfg.n_heads) + extra_elems
-    return flops, elems
+    half = _BLOCK_D // 2
+    parts = {"norm": L * (half * d + norm_saved), "attn": L * (half * d + 4 * cfg.n_heads) + extra_elems,
+             "mlp": L * ffn_saved}
+    return flops, parts
 
 
-def _retina_block(cfg: ModelConfig, L: int) -> tuple[float, float]:
+def _retina_block(cfg: ModelConfig, L: int, parts: bool = False):
     last_all = cfg.retina_last_window == "all"
     pairs = mean_visible_keys(cfg.retina_factors, cfg.retina_windows, last_all, L) * L
     pooled = sum(math.ceil(L / K) for K in cfg.retina_factors)
@@ -84,7 +100,7 @@ def _retina_block(cfg: ModelConfig, L: int) -> tuple[float, float]:
     # per chunk: gathered k and v windows (2 * keys * d) + probabilities (H * chunk * keys), in place
     # of the plain k and v a causal block keeps (2 * d per position)
     extra = plan.n_chunks * (2 * keys * cfg.d_model + cfg.n_heads * plan.chunk * keys) - 2 * L * cfg.d_model
-    return _block(cfg, L, pairs, pool_flops, extra)
+    return (_block_parts if parts else _block)(cfg, L, pairs, pool_flops, extra)
 
 
 def _shorten(cfg: ModelConfig, L_in: int, k: int) -> tuple[float, float, int]:
@@ -130,6 +146,17 @@ def _aggregate(cfg: ModelConfig, L: int, n_scales: int) -> tuple[float, float, i
     return flops, elems, n_scales * d + _norm_params(cfg) + _attn_params(cfg)
 
 
+def _shorten_sharded(cfg: ModelConfig, L_in: int, elems: float) -> float:
+    """Saved elements of a shortening that tensor parallelism splits (attention pooling's
+    projections and MLP, about half of what it keeps beyond the shifted copy)."""
+    return (elems - L_in * cfg.d_model) / 2 if cfg.pooling_kind == "attention" else 0.0
+
+
+def _upsample_sharded(cfg: ModelConfig, L: int) -> float:
+    """Attention upsampling: q, k, v, output and per-head statistics are split by heads."""
+    return float(4 * L * cfg.d_model + cfg.n_heads * L) if cfg.upsampling == "attention" else 0.0
+
+
 # --- the ordered list -------------------------------------------------------------------------
 def layer_costs(cfg: ModelConfig, seq_len: int, bytes_per_element: int = 2) -> List[LayerCost]:
     """Per-layer costs of one sequence of `seq_len` tokens, in execution order (what a pipeline
@@ -140,13 +167,18 @@ def layer_costs(cfg: ModelConfig, seq_len: int, bytes_per_element: int = 2) -> L
     b = bytes_per_element
     out: List[LayerCost] = []
 
-    def add(name, kind, scale, L, flops, elems, params):
-        out.append(LayerCost(name, kind, scale, L, 3.0 * flops, float(elems) * b, int(params)))
+    def add(name, kind, scale, L, flops, elems, params, sharded=0.0, attn=0.0, inp=0.0):
+        out.append(LayerCost(name, kind, scale, L, 3.0 * flops, float(elems) * b, int(params),
+                             float(sharded) * b, float(attn) * b, float(inp) * b))
+
+    def add_block(name, scale, L, f, parts):
+        add(name, "block", scale, L, f, sum(parts.values()), _block_params(cfg),
+            parts["attn"] + parts["mlp"], parts["attn"], L * d)
 
     def blocks(prefix, count, scale, L):
         for i in range(count):
-            f, e = _block(cfg, L, L * (L + 1) / 2)
-            add(f"{prefix}.{i}", "block", scale, L, f, e, _block_params(cfg))
+            f, parts = _block_parts(cfg, L, L * (L + 1) / 2)
+            add_block(f"{prefix}.{i}", scale, L, f, parts)
 
     emb_params = V * d + (cfg.max_seq_len * d if cfg.positions == "learned" else 0)
     add("embed", "embed", 0, n, 0.0, 0.0, emb_params)
@@ -157,36 +189,36 @@ def layer_costs(cfg: ModelConfig, seq_len: int, bytes_per_element: int = 2) -> L
         blocks("blocks", cfg.n_layers, 0, n)
     elif cfg.type == "retina":
         for i in range(cfg.n_layers):
-            f, e = _retina_block(cfg, n)
-            add(f"blocks.{i}", "block", 0, n, f, e, _block_params(cfg))
+            f, parts = _retina_block(cfg, n, parts=True)
+            add_block(f"blocks.{i}", 0, n, f, parts)
     elif cfg.type == "bottom_up":
         blocks("scale_blocks.0", cfg.layers_per_scale[0], 0, n)
         for s in range(1, len(ks) + 1):
             f, e, p = _shorten(cfg, lens[s - 1], ks[s - 1])
-            add(f"shorten.{s - 1}", "shorten", s, lens[s], f, e, p)
+            add(f"shorten.{s - 1}", "shorten", s, lens[s], f, e, p, _shorten_sharded(cfg, lens[s - 1], e))
             blocks(f"scale_blocks.{s}", cfg.layers_per_scale[s], s, lens[s])
         for s in range(1, len(ks) + 1):
             f, e, p = _upsample(cfg, lens[s], n // lens[s], merge=cfg.aggregation == "sum")
-            add(f"upsample.{s - 1}", "upsample", 0, n, f, e, p)
+            add(f"upsample.{s - 1}", "upsample", 0, n, f, e, p, _upsample_sharded(cfg, n))
         f, e, p = _aggregate(cfg, n, len(ks) + 1)
-        add("aggregate", "aggregate", 0, n, f, e, p)
+        add("aggregate", "aggregate", 0, n, f, e, p, e / 2)  # q, k, v and the output split by heads; inputs replicated
         blocks("post_blocks", cfg.n_post, 0, n)
     elif cfg.type == "top_down":
         blocks("pre_blocks", cfg.n_pre, 0, n)
         for s in range(1, len(ks) + 1):
             f, e, p = _shorten(cfg, lens[s - 1], ks[s - 1])
-            add(f"shorten.{s - 1}", "shorten", s, lens[s], f, e, p)
+            add(f"shorten.{s - 1}", "shorten", s, lens[s], f, e, p, _shorten_sharded(cfg, lens[s - 1], e))
         for s in reversed(range(len(ks) + 1)):
             if s < len(ks):
                 f, e, p = _upsample(cfg, lens[s + 1], ks[s], merge=True)
-                add(f"upsample.{s}", "upsample", s, lens[s], f, e, p)
+                add(f"upsample.{s}", "upsample", s, lens[s], f, e, p, _upsample_sharded(cfg, lens[s]))
             blocks(f"scale_blocks.{s}", cfg.layers_per_scale[s], s, lens[s])
     else:
         raise ValueError(f"unknown model.type {cfg.type!r}")
 
     head_params = _norm_params(cfg) + (0 if cfg.tie_embeddings else V * d)
     # head: norm_f and head inputs + the loss's fp32 log-softmax (4 bytes whatever the precision)
-    add("head", "head", 0, n, 2.0 * n * d * V, n * (2 * d + V * 4 / b), head_params)
+    add("head", "head", 0, n, 2.0 * n * d * V, n * (2 * d + V * 4 / b), head_params, n * V * 4 / b)
     return out
 
 

@@ -48,6 +48,9 @@ class Unit:
     flops: float             # fwd+bwd FLOPs for one sequence
     activation_bytes: float  # saved-for-backward bytes for one sequence (no activation checkpointing)
     params: int
+    sharded_bytes: float = 0.0  # of activation_bytes: split over tensor ranks (megams.models.cost.LayerCost)
+    attn_bytes: float = 0.0     # of activation_bytes: saved by attention sublayers
+    input_bytes: float = 0.0    # a checkpointed block keeps only this
 
 
 def pipeline_units(cfg: ModelConfig, seq_len: int, bytes_per_element: int = 4) -> List[Unit]:
@@ -61,8 +64,43 @@ def pipeline_units(cfg: ModelConfig, seq_len: int, bytes_per_element: int = 4) -
         group = pending_up + [c] if c.kind == "aggregate" else [c]
         pending_up = [] if c.kind == "aggregate" else pending_up
         units.append(Unit(c.name, c.kind, c.scale, c.seq_len, sum(g.flops for g in group),
-                          sum(g.activation_bytes for g in group), sum(g.params for g in group)))
+                          sum(g.activation_bytes for g in group), sum(g.params for g in group),
+                          sum(g.sharded_bytes for g in group), sum(g.attn_bytes for g in group),
+                          sum(g.input_bytes for g in group)))
     return units
+
+
+def boundary_positions(units: Sequence[Unit]) -> List[int]:
+    """Positions (for one sequence) of the packed state a stage ending after unit i sends to the next
+    (megams.parallel.pipeline.pack: every carried scale concatenated along the sequence); 0 after the
+    head. The stack is simulated as the pipeline layers run it: a shortening pushes the fine stream,
+    bottom-up's aggregation consumes the stack, a top-down upsampling pops one element."""
+    state: List[int] = []
+    out = []
+    for u in units:
+        if u.kind == "embed":
+            state = [u.seq_len]
+        elif u.kind == "shorten":
+            state = [u.seq_len] + state[1:] + [state[0]]
+        elif u.kind == "aggregate":
+            state = [u.seq_len]
+        elif u.kind == "upsample":
+            state = [u.seq_len] + state[1:-1]
+        elif u.kind == "head":
+            state = []
+        out.append(sum(state))
+    return out
+
+
+def p2p_bytes(units: Sequence[Unit], bounds: Sequence[int], *, micro_batch: int, d_model: int,
+              bytes_per_element: int, tp_partition: int = 1) -> List[float]:
+    """Bytes stage s sends to stage s+1 per micro-batch in the forward pass (the backward pass sends
+    the same amount back); the last stage sends nothing. With DeepSpeed's `pipe_partitioned` each of
+    the `tp_partition` tensor ranks sends 1/tp of it and the receivers all-gather the rest."""
+    pos = boundary_positions(units)
+    p = len(bounds) - 1
+    return [0.0 if s == p - 1 else pos[bounds[s + 1] - 1] * micro_batch * d_model * bytes_per_element / tp_partition
+            for s in range(p)]
 
 
 def unit_cost(u: Unit, micro_batch: int = 1, overhead_rows: float = 0.0) -> float:
@@ -136,14 +174,20 @@ class StageCost:
     model_bytes: float       # weights + gradients + optimizer states on one rank
     activation_bytes: float  # saved activations of the micro-batches in flight (1F1B), no checkpointing
     in_flight: int
+    send_bytes: float = 0.0  # point-to-point: forward activations sent to the next stage per micro-batch
+                             # (as many gradient bytes come back); x2 x micro-batches per step
 
 
 def stage_costs(units: Sequence[Unit], bounds: Sequence[int], *, micro_batch: int = 1, micro_batches: int = 1,
-                tied_head_params: int = 0, bytes_per_param: float = 16.0, overhead_rows: float = 0.0) -> List[StageCost]:
-    """Per stage: FLOPs, parameters, and a memory estimate. In 1F1B stage s keeps the activations of
-    min(m, p - s) micro-batches alive; `tied_head_params` are added to the last stage (it holds a
-    copy of the tied embedding); `bytes_per_param` covers weights + grads + optimizer states."""
+                tied_head_params: int = 0, bytes_per_param: float = 16.0, overhead_rows: float = 0.0,
+                d_model: int = 0, bytes_per_element: int = 4, tp_partition: int = 1) -> List[StageCost]:
+    """Per stage: FLOPs, parameters, point-to-point volume and a memory estimate. In 1F1B stage s
+    keeps the activations of min(m, p - s) micro-batches alive; `tied_head_params` are added to the
+    last stage (it holds a copy of the tied embedding); `bytes_per_param` covers weights + grads +
+    optimizer states (megams.parallel.memory_plan has the exact per-rank version)."""
     p = len(bounds) - 1
+    sends = p2p_bytes(units, bounds, micro_batch=micro_batch, d_model=d_model, bytes_per_element=bytes_per_element,
+                      tp_partition=tp_partition)
     out = []
     for s in range(p):
         us = units[bounds[s]:bounds[s + 1]]
@@ -152,7 +196,7 @@ def stage_costs(units: Sequence[Unit], bounds: Sequence[int], *, micro_batch: in
         out.append(StageCost(bounds[s], bounds[s + 1] - 1, [u.name for u in us], sorted({u.scale for u in us}),
                              sum(u.flops for u in us), sum(unit_cost(u, micro_batch, overhead_rows) for u in us),
                              params, params * bytes_per_param,
-                             sum(u.activation_bytes for u in us) * micro_batch * in_flight, in_flight))
+                             sum(u.activation_bytes for u in us) * micro_batch * in_flight, in_flight, sends[s]))
     return out
 
 
@@ -172,7 +216,8 @@ def describe(costs: Sequence[StageCost], method: str, micro_batch: int, micro_ba
             f"  stage {s}: units {c.first:>2}-{c.last:<2} [{_short_names(c.names)}] scales {c.scales} | "
             f"{c.flops * micro_batch / 1e9:8.3f} GFLOP/micro-batch, cost {100 * c.cost / total:5.1f}% | "
             f"params {c.params / 1e6:7.3f}M | memory ~{(c.model_bytes + c.activation_bytes) * mib:8.1f} MiB "
-            f"({c.model_bytes * mib:.1f} model + {c.activation_bytes * mib:.1f} act x{c.in_flight})")
+            f"({c.model_bytes * mib:.1f} model + {c.activation_bytes * mib:.1f} act x{c.in_flight})"
+            + (f" | sends {c.send_bytes * mib:.2f} MiB/micro-batch" if c.send_bytes else ""))
     worst = max(c.cost for c in costs)
     lines.append(f"  predicted balance: slowest stage / mean = {worst * len(costs) / total:.3f}")
     return "\n".join(lines)
