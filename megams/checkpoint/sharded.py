@@ -25,9 +25,13 @@ and resharding tp8*pp8 -> tp4*pp2 needs no process that holds the whole model.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
+import mmap
 import os
 import pickle
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -70,7 +74,8 @@ class Piece:
 # --- lazy files ------------------------------------------------------------------------------------------
 def open_lazy(path: str):
     """torch.load(path, mmap=True, weights_only=True) with the DeepSpeed stand-ins of serialization.py:
-    the pickle is read, tensors stay mapped on disk. Files not in torch's zip format load eagerly."""
+    the pickle is read, tensors stay mapped on disk. Files not in torch's zip format load eagerly.
+    Returns (state dict, whether its tensors are memory-mapped)."""
     from megams.checkpoint.serialization import _stand_ins, truncated
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
@@ -78,13 +83,38 @@ def open_lazy(path: str):
     try:
         with torch.serialization.safe_globals(stand_ins):
             try:
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
             except RuntimeError as e:
                 if "zipfile" not in str(e) and "mmap" not in str(e):
                     raise
-                return torch.load(path, map_location="cpu", weights_only=True)  # legacy format: no mmap
+                return torch.load(path, map_location="cpu", weights_only=True), False  # legacy format: no mmap
     except (RuntimeError, zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
         raise truncated(path, e) from None
+
+
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = 4
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+    except OSError:  # pragma: no cover
+        return None
+
+
+def drop_pages(t: torch.Tensor) -> None:
+    """Unmap the pages under `t`, a view of a file mapped with torch.load(mmap=True) (MAP_PRIVATE) that
+    was only read: they leave this process's RSS and would fault in again from the file. Never call it
+    on memory that is not such a mapping (anonymous memory would read back as zeros)."""
+    libc = _libc()
+    if libc is None or t.numel() == 0:
+        return
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    a, b = start // _PAGE * _PAGE, -(-end // _PAGE) * _PAGE
+    libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), _MADV_DONTNEED)
 
 
 def _ranges(shape: Sequence[int]) -> List[Tuple[int, int]]:
@@ -134,8 +164,9 @@ class Source:
     def _pieces(self, handle, kind: str, first: int, end: int) -> List[Piece]:
         raise NotImplementedError
 
-    def _copy(self, handle, kind: str, first: int, end: int) -> torch.Tensor:
-        """Flat elements [first, end) of one shard (a view where possible, else one scratch buffer)."""
+    def _copy(self, handle, kind: str, first: int, end: int) -> Tuple[torch.Tensor, bool]:
+        """Flat elements [first, end) of one shard (a view where possible, else one scratch buffer),
+        and whether it is a view of a memory-mapped file."""
         raise NotImplementedError
 
     # the public part
@@ -182,12 +213,14 @@ class Source:
         out = torch.zeros([hi - lo for lo, hi in want], dtype=torch.float32)
         for want, got, local, shape, handle in self._needed(name, kind, dim, start, length):
             first, end = _flat_span(shape, local)
-            flat = self._copy(handle, kind, first, end)
+            flat, mapped = self._copy(handle, kind, first, end)
             view = flat.as_strided([hi - lo for lo, hi in local], _strides(shape), flat.storage_offset())
             dst = out
             for d, ((lo, hi), (w0, _)) in enumerate(zip(got, want)):
                 dst = dst.narrow(d, lo - w0, hi - lo)
             dst.copy_(view)
+            if mapped:  # the file pages it came from leave the RSS: only the copy stays
+                drop_pages(flat)
             self.stats.read += (end - first) * flat.element_size()
         self.stats.returned += out.numel() * out.element_size()
         self.stats.reads += 1
@@ -216,6 +249,7 @@ class CheckpointSource(Source):
         self.files = _Files(ckpt, meta, record)
         self.zero, self.dp, self.tp = self.files.zero, self.files.dp, self.files.tp
         self._open: Dict[str, object] = {}
+        self._mapped: set = set()
         self._zmeta: Dict[int, dict] = {}
         tied = record["tied"]
         self.index: Dict[str, Dict[int, _Shard]] = {}
@@ -229,7 +263,9 @@ class CheckpointSource(Source):
     # files
     def load(self, path: str):
         if path not in self._open:
-            sd = open_lazy(path)
+            sd, mapped = open_lazy(path)
+            if mapped:
+                self._mapped.add(path)
             if not isinstance(sd, dict) or not (("module" in sd) or ("optimizer_state_dict" in sd)
                                                 or "layer_" in os.path.basename(path)):
                 raise CheckpointError(f"{path}: truncated or corrupted checkpoint shard (not a DeepSpeed state dict)")
@@ -412,22 +448,28 @@ class CheckpointSource(Source):
     def _copy(self, s, kind, first, end):
         if self._in_zero(s):
             ranges = self._zero_ranges(s, kind, first, end)
-            if len(ranges) == 1:
-                _, _, t, a, n = ranges[0]
-                return t.reshape(-1).narrow(0, a, n).float()
+            if len(ranges) == 1 and ranges[0][2].dtype == torch.float32:
+                f, _, t, a, n = ranges[0]
+                return t.reshape(-1).narrow(0, a, n), f in self._mapped
             buf = torch.empty(end - first, dtype=torch.float32)
             self.stats.peak_transient = max(self.stats.peak_transient, buf.numel() * 4)
             pos = 0
-            for _, _, t, a, n in ranges:
-                buf.narrow(0, pos, n).copy_(t.reshape(-1).narrow(0, a, n))
+            for f, _, t, a, n in ranges:
+                part = t.reshape(-1).narrow(0, a, n)
+                buf.narrow(0, pos, n).copy_(part)
+                if f in self._mapped:
+                    drop_pages(part)
                 pos += n
-            return buf
-        _, _, t = self._whole(s, kind)
+            return buf, False
+        f, _, t = self._whole(s, kind)
         flat = t.reshape(-1).narrow(0, first, end - first)
         if flat.dtype != torch.float32:
-            flat = flat.float()
-            self.stats.peak_transient = max(self.stats.peak_transient, flat.numel() * 4)
-        return flat
+            wide = flat.float()
+            self.stats.peak_transient = max(self.stats.peak_transient, wide.numel() * 4)
+            if f in self._mapped:
+                drop_pages(flat)
+            return wide, False
+        return flat, f in self._mapped
 
     def adam_step(self) -> Optional[int]:
         """The optimizer's own step count, if the mp ranks agree (None without optimizer state). Asked
@@ -470,7 +512,7 @@ class PretrainedSource(Source):
                 self._pt = None
             else:
                 self._st = None
-                self._pt = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+                self._pt = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)  # zip only
                 if not isinstance(self._pt, dict) or not all(torch.is_tensor(v) for v in self._pt.values()):
                     raise CheckpointError(f"{self.path}: expected a dict of named tensors")
                 self._shapes = {n: list(t.shape) for n, t in self._pt.items()}
@@ -522,7 +564,12 @@ class PretrainedSource(Source):
         return out
 
     def _copy(self, name, kind, first, end):
-        return self._pt[name].reshape(-1).narrow(0, first, end - first).float()
+        flat = self._pt[name].reshape(-1).narrow(0, first, end - first)
+        if flat.dtype == torch.float32:
+            return flat, True
+        wide = flat.float()
+        drop_pages(flat)
+        return wide, False
 
 
 def open_checkpoint(path: str, checksums: bool = False) -> CheckpointSource:
