@@ -47,6 +47,9 @@ def parse_args(argv):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--device-memory", type=float, default=80.0, help="GiB per device (default 80)")
     p.add_argument("--json", action="store_true", help="the plan as JSON on stdout instead of the table")
+    p.add_argument("--device-kind", default=None, metavar="NAME",
+                   help="cut the pipeline as on this device (torch.cuda.get_device_name(), or cpu): its measured "
+                        "parallel.pipeline_overhead_rows (megams/parallel/partition.py); default: this machine")
     p.add_argument("--build-rank", type=int, default=None, metavar="R",
                    help="materialise rank R's shard on the host and compare with the plan")
     return p.parse_args(argv)
@@ -62,11 +65,16 @@ def build_rank(cfg, plan, rank: int) -> dict:
     named = local.local_parameters()
     elements = sum(p.numel() for _, p in named)
     measured = local.shard_bytes()
+    storages = {}
+    for _, p in named:  # what the shard really keeps alive: a slice that views a full tensor keeps all of it
+        st = p.untyped_storage()
+        storages[st.data_ptr()] = st.nbytes()
     _, stage, tp_rank = rank_coords(rank, plan.tp, plan.pp)
     role = plan.roles[stage]
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     return {"rank": rank, "stage": stage, "tp_rank": tp_rank, "seconds": round(seconds, 2),
             "measured_elements": elements, "planned_elements": role.params, "measured_bytes": measured,
+            "storage_bytes": sum(storages.values()),
             "dtype": str(named[0][1].dtype) if named else None, "peak_rss_bytes": peak_rss,
             "rss_limit_bytes": int(1.3 * measured + 2 * 2 ** 30)}
 
@@ -85,7 +93,7 @@ def main(argv=None) -> int:
         return _fail(f"--build-rank {args.build_rank} is outside the world of {args.world} ranks (0..{args.world - 1})")
     try:
         cfg = load_config(args.config, args.set)
-        plan = plan_memory(cfg, args.world, int(args.device_memory * GiB))
+        plan = plan_memory(cfg, args.world, int(args.device_memory * GiB), args.device_kind)
     except ConfigError as e:
         return _fail(str(e))
     out = plan.to_dict()
@@ -96,7 +104,8 @@ def main(argv=None) -> int:
         ok = b["measured_elements"] == b["planned_elements"]
         text += (f"\n\nbuilt rank {b['rank']} (stage {b['stage']}, tensor rank {b['tp_rank']}) on the host in "
                  f"{b['seconds']} s: {b['measured_elements']:,} elements ({b['dtype']}, {b['measured_bytes'] / GiB:.3f} GiB), "
-                 f"plan {b['planned_elements']:,}: {'equal' if ok else 'DIFFERENT'}; peak RSS "
+                 f"plan {b['planned_elements']:,}: {'equal' if ok else 'DIFFERENT'}; storage held "
+                 f"{b['storage_bytes'] / GiB:.3f} GiB; peak RSS "
                  f"{b['peak_rss_bytes'] / GiB:.3f} GiB (1.3 x shard + 2 GiB = {b['rss_limit_bytes'] / GiB:.3f} GiB)")
     print(json.dumps(out, indent=1) if args.json else text, flush=True)
     return 0

@@ -110,6 +110,8 @@ class MemoryPlan:
     device_memory: int
     roles: List[RolePlan]
     total_params: int                    # the plain model's parameters (tied embedding once)
+    overhead_rows: int = 0               # the pipeline partition's per-call overhead ...
+    overhead_source: str = ""            # ... and where it comes from
 
     @property
     def peak(self) -> int:
@@ -224,8 +226,14 @@ def _element_bytes(mode: str) -> Tuple[int, int]:
 
 
 # --- the plan ----------------------------------------------------------------------------------------
-def plan_memory(cfg, world_size: int, device_memory: int = 80 * GiB) -> MemoryPlan:
-    """Every distinct rank role of `cfg` on `world_size` ranks (module docstring)."""
+def plan_memory(cfg, world_size: int, device_memory: int = 80 * GiB, device_kind: Optional[str] = None) -> MemoryPlan:
+    """Every distinct rank role of `cfg` on `world_size` ranks (module docstring). The pipeline is cut
+    as on a device of `device_kind` (its measured `pipeline_overhead_rows`, megams.parallel.partition;
+    default: this machine's)."""
+    from megams.parallel.partition import overhead_rows
+    rows, source = overhead_rows(cfg.parallel, device_kind)
+    if "pipeline_overhead_rows" not in cfg.parallel.model_fields_set:
+        cfg = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"pipeline_overhead_rows": int(rows)})})
     import torch
     from megams.config.loader import ConfigError
     from megams.models.cost import param_count
@@ -297,7 +305,7 @@ def plan_memory(cfg, world_size: int, device_memory: int = 80 * GiB) -> MemoryPl
         del local, model
     del torch
     return MemoryPlan(world_size, dp, tp, pp, p.zero_stage, t.precision, mode, w, b, mb, m, T, ac.mode,
-                      device_memory, roles, param_count(cfg.model))
+                      device_memory, roles, param_count(cfg.model), int(rows), source)
 
 
 def _submodule(model, name: str):
@@ -343,4 +351,5 @@ def format_plan(plan: MemoryPlan, title: str = "") -> str:
         sends = ", ".join(f"{r.stage}->{r.stage + 1}: {r.send_bytes_per_micro_batch / 2 ** 20:.1f} MiB"
                           for r in plan.roles[:-1])
         lines.append(f"point-to-point per micro-batch and tensor rank (forward; as much comes back): {sends}")
+        lines.append(f"pipeline cut with parallel.pipeline_overhead_rows={plan.overhead_rows} ({plan.overhead_source})")
     return "\n".join(lines)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from megams.config.loader import ConfigError
 from megams.config.schema import ModelConfig
@@ -101,6 +101,41 @@ def p2p_bytes(units: Sequence[Unit], bounds: Sequence[int], *, micro_batch: int,
     p = len(bounds) - 1
     return [0.0 if s == p - 1 else pos[bounds[s + 1] - 1] * micro_batch * d_model * bytes_per_element / tp_partition
             for s in range(p)]
+
+
+# --- the per-call overhead, measured per device -------------------------------------------------
+# `parallel.pipeline_overhead_rows` when a config does not set it: the value fitted for the device the
+# run trains on (`device_kind()`: "cpu", or torch.cuda.get_device_name(), e.g. "NVIDIA H100 80GB HBM3").
+# How to measure a device (docs/SCALE.md, "Calibrating the partition cost"): time every pipeline unit
+# alone, forward + backward of one micro-batch, on that device (`tools/benchmark_pipeline.py
+# calibrate`), fit time = (micro_batch x FLOPs + overhead_rows x FLOPs per row) / R, and add the
+# fitted overhead_rows here with the machine, software and date it was measured on. A device not
+# listed uses the config default (96) and the partition report says so.
+MEASURED_OVERHEAD_ROWS = {
+    # shared 2-core AMD EPYC VM, torch 2.13.0+cpu eager, fp32, 1 thread, configs/tiny/bottom_up_30l.yaml
+    # micro-batch 4: three fits during one day gave 71, 86 and 139 (docs/PIPELINE.md)
+    "cpu": 96,
+}
+
+
+def device_kind(device=None) -> str:
+    """The name `MEASURED_OVERHEAD_ROWS` is keyed by: "cpu", or the CUDA device's name."""
+    import torch
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+
+
+def overhead_rows(parallel_cfg, kind: Optional[str] = None) -> Tuple[float, str]:
+    """(overhead rows, where the value comes from) for `parallel_cfg` (a ParallelConfig) on a device
+    of `kind` (default: this process's): the config's value when it sets one, else the measured one."""
+    if "pipeline_overhead_rows" in parallel_cfg.model_fields_set:
+        return float(parallel_cfg.pipeline_overhead_rows), "parallel.pipeline_overhead_rows"
+    kind = device_kind() if kind is None else kind
+    if kind in MEASURED_OVERHEAD_ROWS:
+        return float(MEASURED_OVERHEAD_ROWS[kind]), f"measured on {kind}"
+    return float(parallel_cfg.pipeline_overhead_rows), f"not measured on {kind}: the default"
 
 
 def unit_cost(u: Unit, micro_batch: int = 1, overhead_rows: float = 0.0) -> float:

@@ -56,7 +56,7 @@ from torch import nn
 
 from megams.config.loader import ConfigError
 from megams.parallel.mappings import scatter_to_sp
-from megams.parallel.partition import Unit, describe, partition, pipeline_units, stage_costs
+from megams.parallel.partition import Unit, describe, overhead_rows, partition, pipeline_units, stage_costs
 
 Scales = Tuple[int, ...]
 
@@ -270,7 +270,7 @@ def plan_pipeline(model, cfg, stages: int, bytes_per_element: int = 4) -> Pipeli
         raise RuntimeError(f"pipeline layers {order} do not match the cost model's units {names}")
     p = cfg.parallel
     unit_bounds = partition(units, stages, p.pipeline_partition, p.pipeline_layout,
-                            micro_batch=cfg.training.micro_batch_size, overhead_rows=p.pipeline_overhead_rows)
+                            micro_batch=cfg.training.micro_batch_size, overhead_rows=overhead_rows(p)[0])
     layer_bounds = [unit_of_layer.index(b) if b < len(units) else len(layers) for b in unit_bounds]
     return PipelinePlan([spec for _, spec, _ in layers], unit_of_layer, [sc for _, _, sc in layers], units,
                         unit_bounds, layer_bounds)
@@ -388,5 +388,6 @@ def partition_report(plan: PipelinePlan, cfg, dims, micro_batches: Optional[int]
     tied = cfg.model.vocab_size * cfg.model.d_model if cfg.model.tie_embeddings else 0
     costs = stage_costs(plan.units, plan.unit_bounds, micro_batch=t.micro_batch_size, micro_batches=m,
                         tied_head_params=tied, bytes_per_param=model_state_bytes_per_param(cfg, dims.dp_size),
-                        overhead_rows=cfg.parallel.pipeline_overhead_rows)
+                        overhead_rows=overhead_rows(cfg.parallel)[0], d_model=cfg.model.d_model,
+                        bytes_per_element=plan_bytes_per_element(cfg), tp_partition=cfg.parallel.tensor)
     return describe(costs, cfg.parallel.pipeline_partition, t.micro_batch_size, m)
