@@ -115,7 +115,7 @@ def write_safetensors(path: str, shapes: Dict[str, List[int]], fetch: Callable[[
             t = fetch(n).detach().to("cpu", dtype).contiguous()
             if list(t.shape) != [int(x) for x in shapes[n]]:
                 raise CheckpointError(f"{n}: has shape {list(t.shape)}, expected {list(shapes[n])}")
-            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # no copy
             del t
 
 
