@@ -462,3 +462,10 @@ def test_data__eval_too_short(entry, capsys, tmp_path):
     out = run_tool(capsys, "evaluate", [tmp_path / "m", "--data", short, "--part", "valid", "--split", "0.9,0.1,0"])
     entry.check(out, f"--data {short}: the valid part (--split 0.9,0.1,0) holds 1 token(s) of 6",
                 "too short for one window")
+
+
+# --- the memory planner (issue 13) ------------------------------------------------------------------
+def test_config__plan_build_rank(entry, capsys):
+    config = os.path.join(os.path.dirname(DOC), "..", "configs", "tiny", "vanilla.yaml")
+    out = run_tool(capsys, "plan_memory", ["--config", config, "--world", "4", "--build-rank", "4"])
+    entry.check(out, "--build-rank 4", "outside the world of 4 ranks (0..3)")
