@@ -36,10 +36,26 @@ def backend_takes_cpu(group=None) -> bool:
     """Whether the group's backend accepts CPU tensors (gloo: yes; nccl, or "cuda:gloo": no)."""
     if not (dist.is_available() and dist.is_initialized()):
         return True
-    name = _backend_name(group)
-    # "cpu:gloo,cuda:nccl" takes both; "nccl" or "cuda:gloo" (a backend bound to cuda only) takes device tensors only
+    pg = group if group is not None else _default_group()
+    types = getattr(pg, "_device_types", None)  # what the group itself says it serves (torch >= 2.2)
+    if types:
+        return any(getattr(t, "type", t) == "cpu" for t in types)
+    return name_takes_cpu(_backend_name(group))
+
+
+def _default_group():
+    try:
+        return dist.distributed_c10d._get_default_group()
+    except (RuntimeError, ValueError, AttributeError):
+        return None
+
+
+def name_takes_cpu(name: str) -> bool:
+    """From a backend string alone: "gloo" and "cpu:gloo,cuda:nccl" take CPU tensors; "nccl" and
+    "cuda:gloo" (a backend bound to the cuda device type only) take device tensors only."""
+    name = name.lower().replace(" ", "")
     if ":" in name:
-        return any(part.split(":")[0].strip() == "cpu" for part in name.split(","))
+        return any(part.split(":")[0] == "cpu" for part in name.split(","))
     return name not in ("nccl", "xccl", "hccl")
 
 
@@ -47,7 +63,8 @@ def comm_device(group=None) -> torch.device:
     """The device a small control tensor of a collective on `group` must live on."""
     if backend_takes_cpu(group):
         return _CPU
-    return torch.device("cuda", torch.cuda.current_device())
+    # a cuda-only backend; without a CUDA device here (a "cuda:gloo" test group) still answer cuda
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cuda")
 
 
 def comm_tensor(data: Union[Sequence[float], float, int], dtype: torch.dtype = torch.float64,
@@ -88,15 +105,34 @@ def broadcast(t: torch.Tensor, src: int, group=None, async_op: bool = False):
     return dist.broadcast(t, src=src, group=group, async_op=async_op)
 
 
+# torch 2.13 renamed the single-tensor collectives (`*_into_tensor` / `*_tensor` warn as deprecated)
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def all_gather_into_tensor(out: torch.Tensor, t: torch.Tensor, group=None, async_op: bool = False):
+    """`out` (world x t.numel(), rank-major along dim 0) gets every rank's `t`."""
     check_device(t, group, "all_gather_into_tensor")
-    return dist.all_gather_into_tensor(out, t, group=group, async_op=async_op)
+    check_device(out, group, "all_gather_into_tensor (output)")
+    return _all_gather_single(out, t, group=group, async_op=async_op)
 
 
 def reduce_scatter_tensor(out: torch.Tensor, t: torch.Tensor, op=dist.ReduceOp.SUM, group=None,
                           async_op: bool = False):
+    """`out` gets this rank's part (along dim 0) of the sum of every rank's `t`."""
     check_device(t, group, "reduce_scatter_tensor")
-    return dist.reduce_scatter_tensor(out, t, op=op, group=group, async_op=async_op)
+    check_device(out, group, "reduce_scatter_tensor (output)")
+    return _reduce_scatter_single(out, t, op=op, group=group, async_op=async_op)
+
+
+def send(t: torch.Tensor, dst: int, group=None) -> None:
+    check_device(t, group, "send")
+    dist.send(t, dst=dst, group=group)
+
+
+def recv(t: torch.Tensor, src: int, group=None) -> None:
+    check_device(t, group, "recv")
+    dist.recv(t, src=src, group=group)
 
 
 def barrier(group=None) -> None:

@@ -14,9 +14,10 @@ Sequence-parallel (SP) region: activations between the TP regions split along th
     reduce_scatter_to_sp  fwd reduce-scatter seq   bwd all-gather seq
 
 Every function takes the process group explicitly (normally `dims.tp_group`); a group of one,
-or None without torch.distributed, makes it the identity. Only collectives that work on gloo
-are used: list `all_gather` and list `reduce_scatter` (the `*_tensor` variants are deprecated in
-torch 2.13 and warn), so one code path serves CPU and GPU.
+or None without torch.distributed, makes it the identity. The collectives are the single-tensor
+ones of `megams.distributed.comm` (`all_gather_into_tensor` / `reduce_scatter_tensor`, rank-major
+along dim 0, so no list of parts and no `torch.cat`), which check that the tensor is on a device
+the backend serves; they work on gloo (CPU and CUDA tensors) and NCCL alike.
 
 `count_comm()` counts what these primitives send, for benchmarks:
     with count_comm() as comm:
@@ -31,6 +32,8 @@ from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
+
+from megams.distributed import comm
 
 
 # communication accounting ------------------------------------------------------------------------
@@ -94,7 +97,7 @@ def all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     out = x.clone(memory_format=torch.contiguous_format)
     if _counter is not None:
         _counter.record("all_reduce", _nbytes(out), n)
-    dist.all_reduce(out, op=op, group=group)
+    comm.all_reduce(out, op=op, group=group)
     return out
 
 
@@ -115,11 +118,15 @@ def all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     if n == 1:
         return x
     x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(n)]
+    dim = dim % x.dim()
+    out = x.new_empty((n * x.size(0),) + tuple(x.shape[1:]))
     if _counter is not None:
         _counter.record("all_gather", _nbytes(x) * n, n)
-    dist.all_gather(parts, x, group=group)
-    return torch.cat(parts, dim)
+    comm.all_gather_into_tensor(out, x, group=group)
+    if dim == 0:
+        return out
+    # [n*s0, ...] rank-major -> [n, s0, ..., s_dim, ...] -> ranks next to `dim`, merged with it
+    return out.view((n,) + tuple(x.shape)).movedim(0, dim).flatten(dim, dim + 1)
 
 
 def reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
@@ -130,11 +137,15 @@ def reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     if x.size(dim) % n:
         raise ValueError(f"cannot reduce-scatter dim {dim} of size {x.size(dim)} (shape {tuple(x.shape)}) "
                          f"over {n} tensor-parallel ranks")
-    parts = [p.contiguous() for p in x.chunk(n, dim)]
-    out = torch.empty_like(parts[0])
+    dim = dim % x.dim()
+    if dim == 0:
+        inp = x.contiguous()
+    else:  # rank r's part of `dim` to the r-th block of dim 0: [s0, .., n*m, ..] -> [n*s0, .., m, ..]
+        inp = x.unflatten(dim, (n, x.size(dim) // n)).movedim(dim, 0).flatten(0, 1).contiguous()
+    out = inp.new_empty((inp.size(0) // n,) + tuple(inp.shape[1:]))
     if _counter is not None:
         _counter.record("reduce_scatter", _nbytes(x), n)
-    dist.reduce_scatter(out, parts, group=group)
+    comm.reduce_scatter_tensor(out, inp, group=group)
     return out
 
 

@@ -15,14 +15,17 @@ Two streams per rank, both seeded from (seed, dp rank, pp rank):
         probs = F.dropout(probs, p)
 
 Forking saves the default state, runs on the tracker's, stores the advanced tracker state and
-restores the default one, so the default stream is untouched. CPU and (when initialised) the
-current CUDA device's generator are both switched. Activation recomputation must restore the
-tracker states too: `get_states()` / `set_states()`.
+restores the default one, so the default stream is untouched. CPU and, whenever CUDA is available,
+the current CUDA device's generator are both switched, whatever the order of `seed_parallel_rng`,
+CUDA's initialisation and `torch.cuda.set_device`: a stream's states are made from its seed on
+private generators (the default ones are never reseeded), the CUDA state of a device the first
+time the stream is forked on it. Activation recomputation must restore the tracker states too:
+`get_states()` / `set_states()`.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Dict, Iterator
+from typing import Dict, Iterator, Optional
 
 import torch
 
@@ -33,17 +36,33 @@ MODEL_PARALLEL_RNG = "model-parallel"
 _MP_OFFSET, _PP_STRIDE, _DP_STRIDE = 2718, 100, 1_000_003
 
 
-def _capture() -> Dict[str, torch.Tensor]:
+def _cuda_key() -> Optional[str]:
+    """"cuda:<current device>" when CUDA is available (initialised or not), else None."""
+    if not torch.cuda.is_available():
+        return None
+    return f"cuda:{torch.cuda.current_device()}"
+
+
+def _capture(cuda_key: Optional[str]) -> Dict[str, torch.Tensor]:
     state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
+    if cuda_key is not None:
+        state[cuda_key] = torch.cuda.get_rng_state(cuda_key)
     return state
 
 
 def _restore(state: Dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
+    for key, value in state.items():
+        if key == "cpu":
+            torch.set_rng_state(value)
+        else:
+            torch.cuda.set_rng_state(value, key)
+
+
+def _seeded_state(seed: int, device: str) -> torch.Tensor:
+    """The state of a fresh generator on `device` seeded with `seed` (the default one untouched)."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g.get_state()
 
 
 class RNGStatesTracker:
@@ -51,17 +70,16 @@ class RNGStatesTracker:
 
     def __init__(self):
         self._states: Dict[str, Dict[str, torch.Tensor]] = {}
+        self._seeds: Dict[str, int] = {}
 
     def reset(self) -> None:
-        self._states = {}
+        self._states, self._seeds = {}, {}
 
     def add(self, name: str, seed: int) -> None:
         if name in self._states:
             raise ValueError(f"RNG state {name!r} already exists")
-        saved = _capture()
-        torch.manual_seed(seed)
-        self._states[name] = _capture()
-        _restore(saved)
+        self._seeds[name] = seed
+        self._states[name] = {"cpu": _seeded_state(seed, "cpu")}  # CUDA states: on first fork per device
 
     def get_states(self) -> Dict[str, Dict[str, torch.Tensor]]:
         return {name: {k: v.clone() for k, v in s.items()} for name, s in self._states.items()}
@@ -73,12 +91,17 @@ class RNGStatesTracker:
     def fork(self, name: str = MODEL_PARALLEL_RNG) -> Iterator[None]:
         if name not in self._states:
             raise KeyError(f"RNG state {name!r} was never added (call seed_parallel_rng first)")
-        saved = _capture()
-        _restore(self._states[name])
+        key = _cuda_key()
+        mine = self._states[name]
+        if key is not None and key not in mine:
+            mine[key] = _seeded_state(self._seeds.get(name, 0), key)
+        saved = _capture(key)
+        _restore({k: v for k, v in mine.items() if k in ("cpu", key)})
         try:
             yield
         finally:
-            self._states[name] = _capture()
+            mine.update(_capture(key))
+            self._states[name] = mine
             _restore(saved)
 
 

@@ -32,6 +32,8 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
+from megams.distributed import comm
+
 
 @dataclass
 class NonFiniteEvent:
@@ -123,13 +125,10 @@ class NonFiniteGuard:
         """[2, world] int: row 0 the ranks with a bad loss, row 1 with bad gradients (collective)."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             world, rank = dist.get_world_size(), dist.get_rank()
-            device = "cpu"
-            if dist.get_backend() == "nccl":
-                device = f"cuda:{torch.cuda.current_device()}"
-            flags = torch.zeros(2, world, dtype=torch.int32, device=device)
+            flags = comm.comm_zeros(2, world, dtype=torch.int32)  # on the device the backend reduces
             flags[0, rank] = int(loss_bad)
             flags[1, rank] = int(grad_bad)
-            dist.all_reduce(flags)
+            comm.all_reduce(flags)
             return flags.cpu()
         return torch.tensor([[int(loss_bad)], [int(grad_bad)]])
 

@@ -29,7 +29,8 @@ from contextlib import nullcontext
 from typing import Dict, List, Optional
 
 import torch
-import torch.distributed as dist
+
+from megams.distributed import comm
 
 
 def pipeline_grad_norm(params, grid) -> torch.Tensor:
@@ -44,7 +45,9 @@ def pipeline_grad_norm(params, grid) -> torch.Tensor:
         sharded = getattr(p, "tensor_model_parallel", False) or getattr(p, "model_parallel", False)
         if sharded or tp_rank == 0:
             sq += p.grad.detach().double().pow(2).sum()
-    dist.all_reduce(sq, group=grid.get_model_parallel_group())
+    group = grid.get_model_parallel_group()
+    sq = comm.to_comm(sq, group)  # a CPU sum (a stage without gradients) onto the device NCCL reduces
+    comm.all_reduce(sq, group=group)
     return sq.sqrt().float()
 
 

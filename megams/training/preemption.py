@@ -69,15 +69,13 @@ class PreemptionHandler:
     def stop_requested(self) -> bool:
         """True on every rank iff any rank got a stop signal. Call it on every rank, every step."""
         local = self.received is not None
+        import torch
         import torch.distributed as dist
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return local
-        import torch
-        device = "cpu"
-        if dist.get_backend() == "nccl":  # NCCL reduces device tensors only
-            device = f"cuda:{torch.cuda.current_device()}"
-        flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        from megams.distributed import comm
+        flag = comm.comm_tensor([1 if local else 0], dtype=torch.int32)  # on the device the backend reduces
+        comm.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
     def signal_name(self) -> str:
