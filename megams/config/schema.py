@@ -156,6 +156,8 @@ class DataConfig(_Strict):
     text_key: str = Field("text", min_length=1, description="JSONL files: the key holding each document's text")
     cache_dir: str = Field(".cache/megams-data", description="where text sources are tokenized to indexed datasets")
     num_workers: int = Field(2, ge=1)
+    prefetch: int = Field(2, ge=0, description="steps of batches built ahead by a background thread (pinned "
+                          "host memory, non-blocking copies on a side stream on CUDA); 0 = off, built in the loop")
 
     @field_validator("split")
     @classmethod
@@ -252,6 +254,9 @@ class TrainingConfig(_Strict):
     eval_interval: int = Field(100, ge=0, description="0: evaluate only at the end")
     eval_batches: int = Field(8, gt=0)
     compile: bool = False
+    fused_kernels: Literal["auto", "apex", "torch"] = Field(
+        "auto", description="auto: NVIDIA apex's fused norms and Adam when importable on CUDA, else torch's "
+        "(fused AdamW on CUDA); apex: require NVIDIA apex (error if absent); torch: never apex")
     exit_interval: int = Field(0, ge=0, description="stop (with a checkpoint) once the global step is a multiple of "
                                "this, like Megatron's --exit-interval; 0 = run to max_steps. For time-limited jobs.")
     on_nonfinite: Literal["skip", "stop"] = Field(
