@@ -316,8 +316,8 @@ def _submodule(model, name: str):
 
 
 # --- output ------------------------------------------------------------------------------------------
-def _g(x: float) -> str:
-    return f"{x / GiB:.2f}"
+def _g(x: float, unit: int = GiB) -> str:
+    return f"{x / unit:.2f}"
 
 
 def _short(names: List[str]) -> str:
@@ -325,24 +325,27 @@ def _short(names: List[str]) -> str:
 
 
 def format_plan(plan: MemoryPlan, title: str = "") -> str:
-    """The plan as a markdown table (GiB per rank), one row per role."""
+    """The plan as a markdown table (GiB per rank; MiB for plans under 1 GiB), one row per role."""
     ck = plan.checkpointing
+    unit, uname = (GiB, "GiB") if plan.peak >= GiB else (2 ** 20, "MiB")
     head = (f"{title + ': ' if title else ''}world {plan.world_size} = dp {plan.dp} x pp {plan.pp} x tp {plan.tp}, "
             f"ZeRO-{plan.zero_stage}, precision {plan.precision} ({plan.mode}: weights {plan.weight_bytes} B, "
             f"activations {plan.activation_bytes} B), micro-batch {plan.micro_batch} x seq {plan.seq_len}, "
             f"{plan.micro_batches} micro-batches per step, activation checkpointing {ck}; "
-            f"{plan.total_params / 1e9:.2f}B parameters")
+            + (f"{plan.total_params / 1e9:.2f}B" if plan.total_params >= 1e9 else f"{plan.total_params / 1e6:.2f}M")
+            + " parameters")
     cols = ["stage", "tp ranks", "units", "scales", "params/rank", "weights", "grads", "optimizer",
-            "act/micro-batch", "in flight", "activations", "transient", "comm buffers", "total GiB",
+            "act/micro-batch", "in flight", "activations", "transient", "comm buffers", f"total {uname}",
             f"of {plan.device_memory / GiB:.0f} GiB"]
     rows = []
     for r in plan.roles:
         tpr = f"0-{r.tp_ranks[-1]}" if len(r.tp_ranks) > 1 else "0"
         rows.append([str(r.stage), tpr, _short(r.units), ",".join(map(str, r.scales)), f"{r.params / 1e6:.1f}M",
-                     _g(r.weights), _g(r.grads), _g(r.optimizer), _g(r.activations_per_micro_batch), str(r.in_flight),
-                     _g(r.activations), _g(r.transient), _g(sum(r.comm.values())), _g(r.total),
+                     _g(r.weights, unit), _g(r.grads, unit), _g(r.optimizer, unit),
+                     _g(r.activations_per_micro_batch, unit), str(r.in_flight), _g(r.activations, unit),
+                     _g(r.transient, unit), _g(sum(r.comm.values()), unit), _g(r.total, unit),
                      f"{100 * r.total / plan.device_memory:.0f}%"])
-    lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines = [head, f"(bytes per rank in {uname})", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     verdict = "fits" if plan.fits else "DOES NOT FIT"
     lines += ["", f"peak {_g(plan.peak)} GiB per rank of {plan.device_memory / GiB:.0f} GiB: {verdict} "

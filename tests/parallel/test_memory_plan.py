@@ -163,7 +163,7 @@ FULL_RUNS = [
 
 
 def _run(runs):
-    results = run_ranks(4, [(_engine_case, (c, s)) for c, s in runs], timeout=600)
+    results = run_ranks(4, [(_engine_case, (c, s)) for c, s in runs], timeout=400)
     errors = []
     for (config, sets), per_rank in zip(runs, results):
         try:
