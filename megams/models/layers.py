@@ -16,7 +16,20 @@ from torch import nn
 from megams.config.schema import ModelConfig
 
 
+# Fused norm classes (NVIDIA apex's FusedLayerNorm / FusedRMSNorm), installed by
+# megams.training.kernels.KernelChoice.install(); None: torch's. Same parameter names (weight, bias).
+_FUSED_NORMS: dict = {"layernorm": None, "rmsnorm": None}
+
+
+def set_norm_classes(layernorm: Optional[type], rmsnorm: Optional[type]) -> None:
+    """The classes `make_norm` builds from now on (None: torch's nn.LayerNorm / nn.RMSNorm)."""
+    _FUSED_NORMS.update(layernorm=layernorm, rmsnorm=rmsnorm)
+
+
 def make_norm(cfg: ModelConfig) -> nn.Module:
+    fused = _FUSED_NORMS.get(cfg.norm)
+    if fused is not None:
+        return fused(cfg.d_model, eps=cfg.norm_eps)
     if cfg.norm == "rmsnorm":
         return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)

@@ -52,11 +52,24 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, dp_size: int, mode: str, mpu=None, guard=None):
-    """`guard`: a megams.training.nonfinite.NonFiniteGuard put on the torch optimizer (skips NaN/inf steps)."""
+def build_optimizer(cfg: Config, model: torch.nn.Module, kernels=None) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`: `kernels` (megams.training.kernels.KernelChoice) picks apex's FusedAdam
+    or torch's AdamW (fused on CUDA); None: select from training.fused_kernels for the model's device."""
+    if kernels is None:
+        from megams.training.kernels import select
+        p = next(model.parameters(), None)
+        kernels = select(cfg, p.device if p is not None else "cpu")
+    o = cfg.optimizer
+    groups = param_groups(model, o.weight_decay)
+    return kernels.optimizer(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, dp_size: int, mode: str, mpu=None, guard=None, kernels=None):
+    """`guard`: a megams.training.nonfinite.NonFiniteGuard put on the torch optimizer (skips NaN/inf steps);
+    `kernels`: the start-up's megams.training.kernels.select(cfg, device) (None: selected here)."""
     import deepspeed
     o = cfg.optimizer
-    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    opt = build_optimizer(cfg, model, kernels)
     warm, total, floor = cfg.warmup_steps(), cfg.training.max_steps, o.min_lr_ratio
     if guard is not None:  # before the scheduler, which wraps optimizer.step itself
         guard.attach(opt)
