@@ -38,7 +38,9 @@ def training_logits(rank, world, ckpt_dir, tokens):
     trainer = Trainer(cfg)
     layout = trainer._init_distributed()
     mode = precision_mode(cfg, "cpu")
-    model, loss_fn = trainer._build_model(layout)
+    import inspect
+    extra = (mode,) if len(inspect.signature(trainer._build_model).parameters) >= 2 else ()  # (layout, mode)
+    model, loss_fn = trainer._build_model(layout, *extra)
     if layout.pp > 1:
         from megams.training.pipeline_step import PipelineTraining
         engine, _ = PipelineTraining(cfg, layout).build_engine(model, loss_fn, mode)
