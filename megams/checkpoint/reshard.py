@@ -299,7 +299,8 @@ def start_from(engine, scheduler, cfg, layout, record: dict, source: str,
                 adam_step = src.adam_step() if carry_opt else None
                 writer.step = float(adam_step if adam_step is not None else step)
             if carry_opt:
-                writer.moments(p, {k: read_piece(src, plain, k, shape, dim, tp_rank) for k in ("exp_avg", "exp_avg_sq")})
+                writer.moments(p, {k: read_piece(src, plain, k, shape, dim, tp_rank)
+                                   for k in ("exp_avg", "exp_avg_sq")})
     except KeyError as e:
         raise CheckpointError(f"checkpoint.load_from: {src.path}: truncated or corrupted checkpoint shard (missing "
                               f"entry {e})") from None

@@ -87,7 +87,8 @@ def test_tp8_pp8_resharded_to_tp4_pp2_rank_by_rank(tmp_path):
                 allowed |= {f"mp_rank_{s * 8 + t:02d}_model_states.pt",
                             f"zero_pp_rank_0_mp_rank_{s * 8 + t:02d}_optim_states.pt"}
             for kind in KINDS:
-                pieces = src.plan(plain, kind, dim, *((shape[dim] * rec["tp"], shape[dim]) if dim is not None else (0, None)))
+                box = (shape[dim] * rec["tp"], shape[dim]) if dim is not None else (0, None)
+                pieces = src.plan(plain, kind, dim, *box)
                 assert {p.file for p in pieces} <= allowed
                 got = read_piece(src, plain, kind, shape, dim, rec["tp"])
                 assert torch.equal(got, _expected_piece(fulls[kind][plain], shape, dim, rec["tp"], 4)), (plain, kind)
