@@ -53,6 +53,86 @@ def apply_rotary(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch
 
 
 # --- attention ----------------------------------------------------------------------------------
+# Attention under a dense boolean mask (upsampling attention, retina) rules out SDPA's flash kernel on
+# GPU; torch's flex_attention with a block mask skips the fully masked tiles instead. "auto": flex on
+# CUDA (compiled), SDPA elsewhere; "flex": also on CPU (eager, forward only: torch has no CPU backward
+# for it; tests compare it with SDPA there);
+# "sdpa": today's dense-mask SDPA. Dropout in the attention probabilities always takes SDPA.
+_MASKED_KERNEL = {"kind": "auto"}
+_BLOCK_MASKS: "dict" = {}   # (shape, device, heads) -> (mask, BlockMask): the same mask every layer/step
+_COMPILED_FLEX: list = []
+
+
+def set_masked_attention(kind: str) -> None:
+    if kind not in ("auto", "flex", "sdpa"):
+        raise ValueError(f"masked attention kernel: expected auto | flex | sdpa, got {kind!r}")
+    _MASKED_KERNEL["kind"] = kind
+
+
+def _flex_available() -> bool:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401  (torch >= 2.5)
+        return True
+    except ImportError:
+        return False
+
+
+def _use_flex(q: torch.Tensor, dropout_p: float, needs_grad: bool = False) -> bool:
+    kind = _MASKED_KERNEL["kind"]
+    if kind == "sdpa" or dropout_p > 0 or not _flex_available():
+        return False
+    if q.is_cuda:
+        return True
+    return kind == "flex" and not needs_grad  # torch's CPU flex_attention has no backward
+
+
+def _block_mask(mask: torch.Tensor, heads: int, groups: int):
+    """flex's BlockMask for `mask` [groups, Tq, Tk] (head h' of the merged heads x groups uses group
+    h' % groups), cached while the same mask comes back (compared by value: it is small)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    key = (tuple(mask.shape), str(mask.device), heads)
+    hit = _BLOCK_MASKS.get(key)
+    if hit is not None and torch.equal(hit[0], mask):
+        return hit[1]
+    dense = mask.detach().clone()
+    Tq, Tk = dense.shape[-2:]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return dense[h % groups, q_idx, kv_idx]
+
+    bm = create_block_mask(mask_mod, None, heads if groups > 1 else None, Tq, Tk, device=str(mask.device))
+    if len(_BLOCK_MASKS) >= 16:
+        _BLOCK_MASKS.clear()
+    _BLOCK_MASKS[key] = (dense, bm)
+    return bm
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(E)) v where `mask` (True = may attend) allows it.
+
+    q [B, H, *G, Tq, E], k/v [B, H, *G, Tk, E], mask [*G, Tq, Tk] (G: extra batch dims shared by
+    every sequence and head, e.g. retina's chunks). SDPA with the dense mask, or flex_attention with
+    a block mask (see `set_masked_attention`): the same function (tests/models/test_flex_attention.py)."""
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if not _use_flex(q, dropout_p, needs_grad):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    from torch.nn.attention.flex_attention import flex_attention
+    B, H = q.shape[:2]
+    Tq, Tk, E = q.shape[-2], k.shape[-2], q.shape[-1]
+    groups = mask[..., 0, 0].numel()
+    mask3 = mask.reshape(groups, Tq, Tk)
+    heads = H * groups
+    q4, k4, v4 = (t.reshape(B, heads, t.shape[-2], E) for t in (q, k, v))
+    fn = flex_attention
+    if q.is_cuda:  # eager flex materialises the scores; compiled, it is one fused kernel
+        if not _COMPILED_FLEX:
+            _COMPILED_FLEX.append(torch.compile(flex_attention, dynamic=False))
+        fn = _COMPILED_FLEX[0]
+    y = fn(q4, k4, v4, block_mask=_block_mask(mask3, heads, groups))
+    return y.reshape(q.shape[:-1] + (v.shape[-1],))
+
+
 class Attention(nn.Module):
     """Multi-head attention; causal self-attention by default, or x attending to `context`
     under a boolean `mask` [Tq, Tk] (True = may attend). `rotary_base=None` disables rotary."""
@@ -79,9 +159,12 @@ class Attention(nn.Module):
         if self.rotary_base is not None:
             q = apply_rotary(q, q_pos if q_pos is not None else torch.arange(T, device=x.device), self.rotary_base)
             k = apply_rotary(k, k_pos if k_pos is not None else torch.arange(S, device=x.device), self.rotary_base)
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-            is_causal=causal and mask is None, dropout_p=self.dropout if self.training else 0.0)
+        dropout_p = self.dropout if self.training else 0.0
+        if mask is not None:  # a dense boolean mask: flex_attention's block mask where it is available
+            y = masked_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, dropout_p)
+        else:
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=causal, dropout_p=dropout_p)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 

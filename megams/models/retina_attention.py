@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megams.config.schema import ModelConfig
-from megams.models.layers import apply_rotary
+from megams.models.layers import apply_rotary, masked_attention
 
 
 def level_bounds(i: torch.Tensor, factors: Sequence[int], windows: Sequence[int],
@@ -154,9 +154,9 @@ class RetinaAttention(nn.Module):
 
         q = F.pad(q, (0, 0, 0, 0, 0, N * C - n)).view(B, N, C, -1, hd)
         # [B, H, N, C|L, hd]; one softmax over every level's keys, masked per (query, key)
-        y = F.scaled_dot_product_attention(
+        y = masked_attention(  # SDPA with the dense mask, or flex_attention with its block mask
             q.permute(0, 3, 1, 2, 4), torch.cat(keys, dim=2).permute(0, 3, 1, 2, 4),
-            torch.cat(values, dim=2).permute(0, 3, 1, 2, 4), attn_mask=plan.mask,
+            torch.cat(values, dim=2).permute(0, 3, 1, 2, 4), plan.mask,
             dropout_p=self.dropout if self.training else 0.0)
         y = y.permute(0, 2, 3, 1, 4).reshape(B, N * C, -1)[:, :n]
         return self.wo(y)
