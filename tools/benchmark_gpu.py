@@ -25,7 +25,7 @@ sys.path.insert(0, ROOT)
 
 # name: (d_model, heads, vanilla layers). Bottom-up keeps the width and the parameter count
 # (same number of blocks: 2 full-resolution + the rest at n/4 and n/16).
-GPU_SIZES = {"350M": (1024, 16, 28), "1B": (1792, 14, 26)}
+GPU_SIZES = {"350M": (1024, 16, 28), "1B": (1792, 14, 26), "d2048": (2048, 16, 24)}  # d2048: tools/gpu_check.sh
 CPU_SIZES = {"toy": (64, 4, 4)}
 
 
@@ -40,12 +40,10 @@ def model_cfg(kind: str, d: int, heads: int, L: int):
 
 
 def make_optimizer(params, lr: float, device: str):
-    try:
-        from apex.optimizers import FusedAdam  # type: ignore
-        if device.startswith("cuda"):
-            return FusedAdam(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.1, adam_w_mode=True), "apex FusedAdam"
-    except Exception:
-        pass
+    from megams.training.kernels import find_apex  # NVIDIA apex by its API, not by `import apex`
+    apex, _ = find_apex()
+    if apex is not None and device.startswith("cuda"):
+        return apex.FusedAdam(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.1, adam_w_mode=True), "apex FusedAdam"
     import torch
     fused = device.startswith("cuda")
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=fused), \
@@ -160,11 +158,8 @@ def main(argv=None) -> int:
         dt = torch.bfloat16 if a.bf16 else torch.float32
         peak = measure_matmul_flops(dt, 512, seconds=0.3)
         peak_src = f"measured {dt} 512^3 matmul on CPU"
-    try:
-        import apex  # noqa: F401
-        have_apex = True
-    except Exception:
-        have_apex = False
+    from megams.training.kernels import find_apex
+    have_apex = find_apex()[0] is not None
     sizes = CPU_SIZES if cpu else GPU_SIZES
     names = [s for s in (a.sizes or list(sizes)) if s in sizes]
     rows = []
