@@ -7,6 +7,7 @@ raw JSON, the table and a PNG plot into --out (default bench_out/<study>/).
     python tools/benchmark.py peers      [--corpus FILE] [--steps 30]
     python tools/benchmark.py scaling    (needs megams.parallel tensor/pipeline support)
     python tools/benchmark.py tiny       [--corpus FILE] [--steps 300]
+    python tools/benchmark.py prefetch   [--config configs/tiny/bottom_up.yaml] [--steps 12] [--rounds 3]
 
 Timed runs share 2 cores here: wrap them in `flock /tmp/megams-heavy.lock`. See docs/RESULTS.md.
 """
@@ -80,6 +81,15 @@ def main(argv=None) -> int:
     ti.add_argument("--configs", nargs="*", default=None, help="default: configs/tiny/{vanilla,bottom_up,top_down,retina}.yaml")
     ti.add_argument("--set", action="append", default=[], help="extra trainer override, e.g. data.seq_len=128")
 
+    pf = sub.add_parser("prefetch", help="tokens/s with the background batch prefetcher off and on, side by side")
+    common(pf, corpus=False)
+    pf.add_argument("--config", default=os.path.join(ROOT, "configs", "tiny", "bottom_up.yaml"))
+    pf.add_argument("--steps", type=int, default=12, help="timed steps per measurement (after one untimed)")
+    pf.add_argument("--rounds", type=int, default=3, help="measurements per depth, alternating")
+    pf.add_argument("--depths", type=int, nargs="*", default=[0, 2], help="data.prefetch values (first = baseline)")
+    pf.add_argument("--device", default="cpu")
+    pf.add_argument("--set", action="append", default=[], help="config override, e.g. data.seq_len=128")
+
     a = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
     if getattr(a, "corpus", None) and not os.path.isfile(a.corpus):
@@ -108,6 +118,10 @@ def main(argv=None) -> int:
         from megams.bench import tiny
         tiny.run(a.corpus, _out(a, "tiny"), steps=a.steps, configs=a.configs, threads=a.threads, extra=[
             x for s in a.set for x in ("--set", s)])
+    elif a.study == "prefetch":
+        from megams.bench import prefetch
+        prefetch.run(a.config, _out(a, "prefetch"), steps=a.steps, rounds=a.rounds, depths=a.depths,
+                     threads=a.threads, device=a.device, overrides=a.set)
     return 0
 
 
