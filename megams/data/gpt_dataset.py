@@ -52,7 +52,7 @@ class GPTDataset:
 
     def window(self, i: int) -> np.ndarray:
         s = self.window_start(i)
-        w = np.asarray(self.indexed.tokens[s:s + self.seq_len + 1], dtype=np.int64)
+        w = self.indexed.read_tokens(s, s + self.seq_len + 1).astype(np.int64)
         vocab = self.vocab_size
         if vocab is not None and w.size and (w.max() >= vocab or w.min() < 0):
             # a corrupted .bin: fail naming it, not with an index error deep inside the embedding
@@ -65,7 +65,10 @@ class GPTDataset:
     def permutation(self, epoch: int) -> np.ndarray:
         perm = self._perms.get(epoch)
         if perm is None:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+            # = rng.permutation(n_windows) (the same order: shuffle draws do not depend on the dtype), in int32
+            # where it fits: 4 bytes a window, e.g. 200 MB for 50M windows (100B tokens of seq_len 2048)
+            perm = np.arange(self.n_windows, dtype=np.int32 if self.n_windows < 1 << 31 else np.int64)
+            np.random.default_rng([self.seed, epoch]).shuffle(perm)
             self._perms = {epoch: perm, **{e: p for e, p in self._perms.items() if e == epoch - 1}}
         return perm
 

@@ -72,6 +72,48 @@ def memmap(path: str, dtype, offset: int, count: int) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,))
 
 
+class PositionalFile:
+    """Reads by `os.pread` into fresh buffers: the lookups of the data path (windows, per-window source bytes,
+    binary searches in the index) go through this, not through the memory maps, because every page touched
+    in a map stays in the process's resident set (a whole page-cache folio, up to 2 MB, on recent kernels):
+    a long run reading random windows would otherwise grow its RSS towards the size of the dataset."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def array(self, dtype, offset: int, count: int) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        n = count * dtype.itemsize
+        raw = os.pread(self.fd, n, offset) if n else b""
+        if len(raw) != n:
+            raise DataError(f"{self.path}: truncated or corrupted (short read of {n} bytes at byte {offset})")
+        return np.frombuffer(raw, dtype)
+
+    def int64(self, offset: int) -> int:
+        raw = os.pread(self.fd, 8, offset)
+        if len(raw) != 8:
+            raise DataError(f"{self.path}: truncated or corrupted (short read at byte {offset})")
+        return int.from_bytes(raw, "little", signed=True)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __getstate__(self):
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"])
+
+
 class _Column:
     """A growing int64 column spilled to a temporary file: a writer's memory stays flat however many
     documents it takes (buffered in blocks of 1M values)."""
@@ -286,14 +328,40 @@ class IndexedDataset:
                                 "written together with this .bin)")
             raise DataError(f"{bin_path}: truncated or corrupted ({bin_size} bytes, the index says {n_tokens} tokens "
                             f"of {self.dtype.itemsize} byte(s) = {n_tokens * self.dtype.itemsize})")
-        self.tokens = memmap(bin_path, self.dtype, 0, n_tokens)
+        self.tokens = memmap(bin_path, self.dtype, 0, n_tokens)  # bulk access; lookups use pread (below)
+        self._n_docs, self._n_tokens = n, n_tokens
+        self._idx, self._bin = PositionalFile(idx_path), PositionalFile(bin_path)
+        self._offsets_at = _HEADER.size
+        self._cum_at = _HEADER.size + 8 * (n + 1) if version == 2 else None
 
     def __len__(self) -> int:
-        return len(self.doc_offsets) - 1
+        return self._n_docs
+
+    def read_tokens(self, a: int, b: int) -> np.ndarray:
+        """Tokens [a, b) of the stream (clipped to it), read with pread: nothing stays mapped."""
+        a, b = max(0, a), min(b, self._n_tokens)
+        return self._bin.array(self.dtype, a * self.dtype.itemsize, max(0, b - a))
+
+    def _offset(self, i: int) -> int:
+        return self._idx.int64(self._offsets_at + 8 * i)
+
+    def _cum(self, i: int) -> int:
+        return self._idx.int64(self._cum_at + 8 * i) if self._cum_at is not None else int(self.cum_bytes[i])
+
+    def _doc_of(self, pos: int) -> int:
+        """The last document starting at or before token `pos`: a binary search, ~log2(n) 8-byte preads."""
+        lo, hi = 0, self._n_docs - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self._offset(mid) <= pos:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     @property
     def n_tokens(self) -> int:
-        return int(self.doc_offsets[-1])
+        return self._n_tokens
 
     @property
     def source_bytes(self) -> Optional[int]:
@@ -306,28 +374,30 @@ class IndexedDataset:
         return np.diff(np.asarray(self.cum_bytes))
 
     def doc_start(self, i: int) -> int:
-        return int(self.doc_offsets[i])
+        return self._offset(i)
 
     def doc(self, i: int) -> np.ndarray:
-        a, b = int(self.doc_offsets[i]), int(self.doc_offsets[i + 1])
+        a, b = self._offset(i), self._offset(i + 1)
         if not 0 <= a <= b <= self.n_tokens:
             raise DataError(f"{self.prefix}.idx: corrupted index (document {i} spans tokens [{a}, {b}) of "
                             f"{self.n_tokens})")
-        return self.tokens[a:b]
+        return self.read_tokens(a, b)
 
     def source_bytes_before(self, positions) -> np.ndarray:
         """Source bytes that the tokens before each stream position stand for: exact at document boundaries,
         linear inside a document (its bytes spread evenly over its tokens, end-of-document included).
-        O(log documents) a position: a binary search in the memory-mapped offsets, two prefix-sum reads."""
+        O(log documents) a position: a binary search in the offsets, two prefix-sum reads (all preads)."""
         pos = np.asarray(positions, dtype=np.int64)
         if len(self) == 0:
             return np.zeros(pos.shape)
-        d = np.clip(np.searchsorted(self.doc_offsets, pos, side="right") - 1, 0, len(self) - 1)
-        start, stop = self.doc_offsets[d], self.doc_offsets[d + 1]
-        before, after = self.cum_bytes[d], self.cum_bytes[d + 1]
-        length = stop - start
-        inside = np.where(length > 0, (pos - start) / np.maximum(length, 1), 0.0)
-        return before + (after - before) * inside
+        out = np.empty(pos.shape, dtype=np.float64)
+        for k, p in enumerate(pos.ravel()):
+            d = self._doc_of(int(p))
+            start, stop = self._offset(d), self._offset(d + 1)
+            before, after = self._cum(d), self._cum(d + 1)
+            inside = (int(p) - start) / (stop - start) if stop > start else 0.0
+            out.flat[k] = before + (after - before) * inside
+        return out
 
     def __repr__(self) -> str:
         return f"IndexedDataset({self.prefix!r}: {len(self)} documents, {self.n_tokens} tokens, {self.dtype})"

@@ -29,7 +29,7 @@ from typing import Optional
 import numpy as np
 
 from megams.data.errors import DataError
-from megams.data.indexed import MEGATRON_MAGIC, IndexedDataset, exists, memmap
+from megams.data.indexed import MEGATRON_MAGIC, IndexedDataset, PositionalFile, exists, memmap
 
 _HEADER = struct.Struct("<9sQBQQ")  # 34 bytes
 DTYPES = {1: np.dtype("<u1"), 2: np.dtype("<i1"), 3: np.dtype("<i2"), 4: np.dtype("<i4"), 5: np.dtype("<i8"),
@@ -125,6 +125,8 @@ class MegatronIndexedDataset(IndexedDataset):
                      "n_tokens": n_tokens, "n_sequences": S}
         self.tokenizer = None
         self._decoded: dict = {}
+        self._idx, self._bin = PositionalFile(idx_path), PositionalFile(bin_path)
+        self._pointers_at, self._docs_at = _HEADER.size + 4 * S, _HEADER.size + 12 * S
 
     # -- the index ---------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -139,8 +141,15 @@ class MegatronIndexedDataset(IndexedDataset):
         return None  # not stored: see decoded_bytes
 
     def doc_start(self, i: int) -> int:
-        s = int(self.doc_indices[i])
-        return self._n_tokens if s >= self.n_sequences else int(self.seq_pointers[s]) // self.dtype.itemsize
+        """Token offset of document i: two 8-byte preads (no memory map touched)."""
+        s = self._idx.int64(self._docs_at + 8 * i)
+        if s >= self.n_sequences:
+            return self._n_tokens
+        return self._idx.int64(self._pointers_at + 8 * s) // self.dtype.itemsize
+
+    def read_tokens(self, a: int, b: int) -> np.ndarray:
+        a, b = max(0, a), min(b, self._n_tokens)
+        return self._bin.array(self.dtype, a * self.dtype.itemsize, max(0, b - a))
 
     def doc_starts(self, a: int, b: int) -> np.ndarray:
         """Token offsets of documents a..b (b included): vectorised, for conversion."""
@@ -156,7 +165,7 @@ class MegatronIndexedDataset(IndexedDataset):
         return self.doc_starts(0, len(self))
 
     def doc(self, i: int) -> np.ndarray:
-        return self.tokens[self.doc_start(i):self.doc_start(i + 1)]
+        return self.read_tokens(self.doc_start(i), self.doc_start(i + 1))
 
     def _doc_of(self, pos: int) -> int:
         """The last document starting at or before token `pos` (binary search in the memory map)."""
