@@ -171,3 +171,50 @@ class Prefetcher:
 def prefetch(source: Iterable[List[Batch]], device, depth: int) -> Prefetcher:
     """`Prefetcher(source, device, depth)`: depth 0 (data.prefetch=0) is the synchronous path."""
     return Prefetcher(source, device, depth)
+
+
+class PrefetchedBatches:
+    """`GlobalBatches.next()` with the batches built ahead (data.prefetch steps) and already on `device`.
+
+        feed = PrefetchedBatches(train, device, cfg.data.prefetch)   # after the data position is restored
+        batches = feed.next()                                        # instead of train.next()
+        ...
+        feed.close()
+
+    The thread builds the batches at positions ahead of `train.consumed_samples` without touching it;
+    `next()` advances `train.consumed_samples` by one global batch, as `train.next()` does, so the data
+    position every checkpoint records (`train.state_dict()`) stays the consumer's. If the position was
+    moved meanwhile (a load), the prefetcher restarts from the new one.
+    """
+
+    def __init__(self, train, device, depth: int):
+        self.train, self.device, self.depth = train, device, depth
+        self._pf: Optional[Prefetcher] = None
+        self._next_sample = None
+
+    def _start(self) -> None:
+        if self._pf is not None:
+            self._pf.close()
+        first, gb = self.train.consumed_samples, self.train.global_batch
+
+        def steps():
+            s = first
+            while True:
+                yield self.train._batches(s)
+                s += gb
+
+        self._pf = Prefetcher(steps(), self.device, self.depth)
+        self._next_sample = first
+
+    def next(self) -> List[Batch]:
+        if self._pf is None or self._next_sample != self.train.consumed_samples:
+            self._start()
+        batches = next(self._pf)
+        self.train.consumed_samples += self.train.global_batch
+        self._next_sample = self.train.consumed_samples
+        return batches
+
+    def close(self) -> None:
+        if self._pf is not None:
+            self._pf.close()
+            self._pf = None

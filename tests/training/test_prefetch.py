@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megams.config import load_config
-from megams.training.prefetch import Prefetcher
+from megams.training.prefetch import PrefetchedBatches, Prefetcher
 
 
 def steps(n, micro=2, started=None):
@@ -99,3 +99,33 @@ def test_config_field(tmp_path):
     assert load_config("configs/tiny/bottom_up.yaml", ["data.prefetch=0"]).data.prefetch == 0
     with pytest.raises(Exception, match="data.prefetch"):
         load_config("configs/tiny/bottom_up.yaml", ["data.prefetch=-1"])
+
+
+class _Data:
+    seed, seq_len = 0, 4
+
+    def __len__(self):
+        return 1000
+
+    def sample(self, i):
+        import numpy as np
+        return np.arange(i, i + 5, dtype=np.int64)
+
+
+def test_prefetched_global_batches_keep_the_consumer_position():
+    from megams.data.batches import GlobalBatches
+    ref = GlobalBatches(_Data(), 4, 8, 2)
+    train = GlobalBatches(_Data(), 4, 8, 2)
+    feed = PrefetchedBatches(train, "cpu", depth=3)
+    try:
+        for step in range(4):
+            got, want = feed.next(), ref.next()
+            assert train.consumed_samples == ref.consumed_samples == 8 * (step + 1)  # not the thread's
+            assert all(torch.equal(a, b) and torch.equal(c, d) for (a, c), (b, d) in zip(got, want))
+        time.sleep(0.05)
+        assert train.state_dict() == ref.state_dict()
+        train.consumed_samples = ref.consumed_samples = 80  # a load moved the position: restart there
+        got, want = feed.next(), ref.next()
+        assert all(torch.equal(a, b) for (a, _), (b, _) in zip(got, want))
+    finally:
+        feed.close()
