@@ -1,10 +1,16 @@
 """Tokenize text sources into an indexed dataset, in parallel, in document order.
 
-Documents are read streaming, grouped into chunks, and tokenized by a Pool of workers (all available
-CPUs by default), results taken in order (imap-like, with a bounded number of chunks in flight), so the
+Documents are read streaming, grouped into chunks, and tokenized by a pool of worker processes (all
+available CPUs by default), results taken in order (imap-like, with a bounded number of chunks in flight), so the
 output is the same for any number of workers and memory stays flat however large the corpus (the
 writer spills its index columns to disk too). The dataset is written under temporary names and moved
 into place at the end (see `IndexedDatasetWriter`), in megams' layout or Megatron's (`format`).
+
+Workers come from a forkserver (spawn where there is none), never a plain fork of the caller: the
+caller is often a training process with torch, gloo and tqdm threads, and a fork of it can die in
+its at-fork handlers ("terminate called ... No such process"). A worker that dies anyway ends the
+run with a DataError naming the input, never a hang (a `ProcessPoolExecutor` reports a broken pool;
+`multiprocessing.Pool` waits forever on the lost task).
 
 `progress`: True (a tqdm bar of source bytes, with MB/s), False, or a callable
 `progress(bytes_done, bytes_total)` (bytes_total None when unknown) called after every chunk of ~1 MiB.
@@ -14,6 +20,7 @@ to count its source bytes).
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import itertools
 import multiprocessing
 import os
@@ -87,22 +94,32 @@ def _chunks(documents: Iterable[str]) -> Iterator[List[str]]:
 
 
 def _ordered_map(pool, fn, items: Iterable, ahead: int) -> Iterator:
-    """Like `pool.imap(fn, items)` (results in order), but with at most `ahead` tasks in flight: imap reads
+    """Like `pool.map(fn, items)` (results in order), but with at most `ahead` tasks in flight: map reads
     its whole input at once, and a corpus larger than memory must stream."""
     pending: collections.deque = collections.deque()
     for item in items:
-        pending.append(pool.apply_async(fn, (item,)))
+        pending.append(pool.submit(fn, item))
         if len(pending) >= ahead:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
     while pending:
-        yield pending.popleft().get()
+        yield pending.popleft().result()
 
 
 def _pool_context():
-    # fork where it exists: workers start in milliseconds and need nothing re-imported; they only run
-    # the tokenizer (no torch, no threads of their own).
+    """A forkserver where the platform has one (workers forked from a clean server process that has
+    imported this module once), else spawn."""
     methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    if "forkserver" in methods:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])  # takes effect when the server starts (once per process)
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+def _start_pool(workers: int, tokenizer_spec: str, append_eod: bool):
+    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=_pool_context(),
+                                                  initializer=_init_pool_worker,
+                                                  initargs=(tokenizer_spec, append_eod))
 
 
 class _Progress:
@@ -143,8 +160,8 @@ def preprocess_documents(documents: Iterable[str], output_prefix: str, tokenizer
             "eod_id": tokenizer.eod_id, "append_eod": append_eod, "source": source}
     chunks = _chunks(documents)
     pool = None
-    if workers > 1:  # started before tqdm's monitor thread exists: a clean fork
-        pool = _pool_context().Pool(workers, initializer=_init_pool_worker, initargs=(tokenizer_spec, append_eod))
+    if workers > 1:
+        pool = _start_pool(workers, tokenizer_spec, append_eod)
         results = _ordered_map(pool, _encode_chunk, chunks, ahead=2 * workers)
     else:
         _init_worker(tokenizer_spec, append_eod)
@@ -152,9 +169,14 @@ def preprocess_documents(documents: Iterable[str], output_prefix: str, tokenizer
     bar = _Progress(progress, total_bytes)
     try:
         with IndexedDatasetWriter(output_prefix, tokenizer.vocab_size, meta, format=format) as writer:
-            for ids, lengths, n_bytes in results:
-                writer.add_documents(ids, lengths, n_bytes)
-                bar.update(int(n_bytes.sum()))
+            try:
+                for ids, lengths, n_bytes in results:
+                    writer.add_documents(ids, lengths, n_bytes)
+                    bar.update(int(n_bytes.sum()))
+            except concurrent.futures.process.BrokenProcessPool as e:
+                raise DataError(f"{source or output_prefix}: a tokenizer worker process died ({e}); "
+                                f"nothing was written. Retry with workers=1 (data.num_workers=1 / "
+                                f"--workers 1) to tokenize in this process") from None
             if writer.n_documents == 0:
                 raise DataError(f"{source or output_prefix}: no documents to tokenize")
         if total_bytes:
@@ -162,8 +184,7 @@ def preprocess_documents(documents: Iterable[str], output_prefix: str, tokenizer
     finally:
         bar.close()
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)
     return IndexedDataset(output_prefix)
 
 
