@@ -14,7 +14,8 @@
 #   - a resume (the bf16 run continued to step 30 from that checkpoint);
 #   - tp=2 and pp=2: two ranks on the one GPU over gloo (torchrun; NCCL refuses two ranks per device);
 #   - the `gpu` pytest marker (pytest -m gpu);
-#   - vanilla d=2048 bf16 tokens/s and MFU against the datasheet peak (tools/benchmark_gpu.py).
+#   - vanilla d=2048 bf16 tokens/s and MFU against the datasheet peak (tools/benchmark_gpu.py);
+#   - tokens/s of the tiny bottom-up config with the batch prefetcher off and on (benchmark.py prefetch).
 # Results: $OUT/gpu_check.md (table) and $OUT/gpu_check.json when OUT is set, else under $WORK.
 # Env: PYTHON (default .venv/bin/python, else python), WORK (scratch, default /tmp/megams-gpu-check),
 # BUDGET_S (default 450: steps that would start later are recorded as skipped).
@@ -166,6 +167,8 @@ check vanilla_pp2.metrics metrics "$WORK/runs/vanilla_pp2" "$STEPS"
 step pytest_gpu "$PYTHON" -m pytest -m gpu tests -q
 step mfu_d2048 "$PYTHON" tools/benchmark_gpu.py --sizes d2048 --models vanilla --out "$WORK/bench_gpu.json"
 check mfu_d2048.report mfu "$WORK/bench_gpu.json"
+step prefetch_cuda "$PYTHON" tools/benchmark.py prefetch --device cuda --steps 20 --rounds 3 --threads 4 \
+  --out "$WORK/prefetch"
 
 if [ $DRY = 1 ]; then
   echo "+ validating the overrides of every pretrain command against the config schema"

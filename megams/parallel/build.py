@@ -42,12 +42,22 @@ class LocalModel:
         return [(n, p) for n, p in self.module.named_parameters() if n in self.local_names]
 
     def shard_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for _, p in self.local_parameters())
+        """Bytes this rank holds of its parameters (its ZeRO-3 partitions, when partitioned)."""
+        total = 0
+        for _, p in self.local_parameters():
+            t = getattr(p, "ds_tensor", None)
+            t = p if t is None else t
+            total += t.numel() * t.element_size()
+        return total
 
 
-def build_local_model(cfg, dims=None, device="cpu", seed: Optional[int] = None) -> LocalModel:
+def build_local_model(cfg, dims=None, device="cpu", seed: Optional[int] = None,
+                      zero3: Optional[dict] = None) -> LocalModel:
     """This rank's part of the model of `cfg` (see the module docstring). `device="meta"` stops after
-    step 3: the skeleton with its local parameter names, for planning without allocating."""
+    step 3: the skeleton with its local parameter names, for planning without allocating.
+    `zero3={"config": deepspeed_config, "group": data-parallel group or None}`: ZeRO-3 partitions each
+    parameter over the data ranks as soon as it is materialised (DeepSpeed's `zero.Init(module=...)`,
+    one parameter at a time), so a rank never holds more than its partitions + one full parameter."""
     from megams.models import build_model
     from megams.models.init import initializer
     from megams.parallel.checkpointing import apply_ac
@@ -70,7 +80,7 @@ def build_local_model(cfg, dims=None, device="cpu", seed: Optional[int] = None) 
         names.setdefault(id(p), n)
     local = {n for pid, n in names.items() if keep is None or pid in keep}
     if str(device) != "meta":
-        materialize(model, value, device, dims, keep)
+        materialize(model, value, device, dims, keep, then=_zero3_partitioner(zero3) if zero3 else None)
     return LocalModel(model, loss_fn, dims, stage, local)
 
 
@@ -103,10 +113,12 @@ def _shard(full: torch.Tensor, dim: int, padded: int, tp: int, tp_rank: int) -> 
 
 
 @torch.no_grad()
-def materialize(model: nn.Module, value: Callable, device, dims=None, keep: Optional[Set[int]] = None) -> int:
+def materialize(model: nn.Module, value: Callable, device, dims=None, keep: Optional[Set[int]] = None,
+                then: Optional[Callable[[nn.Parameter], None]] = None) -> int:
     """Replace every meta parameter of `model` (those whose id is in `keep`, when given) by a real one
     on `device` holding `value(name, full_shape)` cut to this rank's shard. Shared parameters (a tied
-    head) stay shared. Returns the bytes materialised."""
+    head) stay shared. `then(param)` runs on each new parameter before the next one is made (ZeRO-3
+    partitioning). Returns the bytes materialised (before any partitioning)."""
     names: Dict[int, str] = {}
     for n, p in model.named_parameters():
         names.setdefault(id(p), n)
@@ -126,13 +138,34 @@ def materialize(model: nn.Module, value: Callable, device, dims=None, keep: Opti
                     shape[dim] = size
                 full = value(names[id(p)], shape)
                 t = full if split is None else _shard(full, split[0], p.shape[split[0]] * tp, tp, tp_rank)
-                new = nn.Parameter(t.to(device=device, dtype=p.dtype).contiguous(), requires_grad=p.requires_grad)
+                t = t.to(device=device, dtype=p.dtype).contiguous()
+                if t.untyped_storage().nbytes() > t.numel() * t.element_size():
+                    t = t.clone()  # a dim-0 chunk is a contiguous view: never keep the full tensor alive
+                new = nn.Parameter(t, requires_grad=p.requires_grad)
                 del full, t
                 _carry_over(p, new)
                 done[id(p)] = new
                 total += new.numel() * new.element_size()
+                if then is not None:
+                    then(new)
             module._parameters[pname] = done[id(p)]
     return total
+
+
+class _Holder(nn.Module):
+    def __init__(self, p: nn.Parameter):
+        super().__init__()
+        self.p = p
+
+
+def _zero3_partitioner(zero3: dict) -> Callable[[nn.Parameter], None]:
+    """Partition one parameter over the data ranks with DeepSpeed's public `zero.Init(module=...)`."""
+    import deepspeed
+
+    def partition(p: nn.Parameter) -> None:
+        deepspeed.zero.Init(module=_Holder(p), config_dict_or_path=zero3["config"],
+                            data_parallel_group=zero3.get("group"))
+    return partition
 
 
 def _carry_over(old: nn.Parameter, new: nn.Parameter) -> None:

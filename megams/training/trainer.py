@@ -206,12 +206,16 @@ class Trainer:
         check_vocab(bundle.tokenizer, c.model.vocab_size)
         return bundle
 
-    def _build_model(self, layout: Layout):
+    def _build_model(self, layout: Layout, mode: str):
         """This rank's part of the model only: built on the meta device, parallelism applied to the
         skeleton, then this rank's tensor slice of its pipeline stage materialised on the device
         (megams.parallel.build). Nothing of another stage or tensor rank is ever allocated."""
         from megams.parallel.build import build_local_model
-        local = build_local_model(self.cfg, layout.dims, self.device)
+        zero3 = None
+        if self.cfg.parallel.zero_stage == 3:  # partitioned over the data ranks as each parameter is made
+            from megams.training.engine import deepspeed_config
+            zero3 = {"config": deepspeed_config(self.cfg, layout.dp, mode), "group": _dp_group(layout)}
+        local = build_local_model(self.cfg, layout.dims, self.device, zero3=zero3)
         return local.module, local.loss_fn
 
     # -- the loop -------------------------------------------------------------------------
@@ -239,7 +243,7 @@ class Trainer:
             seed_parallel_rng(c.training.seed, layout.dims)
         else:
             torch.manual_seed(c.training.seed + layout.dp_rank)
-        model, loss_fn = self._build_model(layout)
+        model, loss_fn = self._build_model(layout, mode)
         guard = NonFiniteGuard(report_engine_skips=c.training.precision != "fp16")
         loss_fn = guard.watch_loss(loss_fn)
         plain_names = {id(p): n for n, p in model.named_parameters()}  # pipeline stages rename parameters

@@ -70,3 +70,26 @@ def test_tp2_pp2_shards_equal_slices_of_the_full_model(sp):
         assert stage0 | stage1 == set(per_rank[0]["all"]), t
         assert stage0 & stage1 == {"embed.weight"}, t   # the tied embedding lives on the first and last stage
         assert per_rank[0]["bytes"] < sum(p.numel() * 4 for p in build_model(_cfg(t).model, device="meta").parameters())
+
+
+def _zero3_case(rank, world_size):
+    import deepspeed
+    from megams.training.engine import deepspeed_config
+    if not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    cfg = Config(model=tiny("bottom_up", vocab_size=300), data={"seq_len": 32},
+                 parallel={"zero_stage": 3}, training={"seed": 7, "micro_batch_size": 2, "global_batch_size": 4})
+    local = build_local_model(cfg, None, "cpu", zero3={"config": deepspeed_config(cfg, world_size, "fp32"),
+                                                       "group": None})
+    params = [p for _, p in local.module.named_parameters()]
+    full = sum(p.ds_numel for p in params)
+    return {"partitioned": all(hasattr(p, "ds_id") for p in params), "full": full,
+            "held": sum(p.ds_tensor.numel() for p in params), "bytes": local.shard_bytes()}
+
+
+def test_zero3_partitions_each_parameter_as_it_is_made():
+    out = run_ranks(2, [(_zero3_case, ())], timeout=300)[0]
+    for r in out:
+        assert r["partitioned"]
+        assert r["held"] <= r["full"] // 2 + 64 and r["bytes"] == 4 * r["held"]   # half of every parameter (+ padding)
+    assert out[0]["full"] == sum(p.numel() for p in build_model(tiny("bottom_up", vocab_size=300), device="meta").parameters())

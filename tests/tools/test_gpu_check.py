@@ -42,6 +42,7 @@ def test_dry_run_lists_every_check(tmp_path):
     assert any("parallel.pipeline=2" in line and "training.dist_backend=gloo" in line for line in gloo)
     assert any("-m pytest -m gpu" in line for line in lines)
     assert any("tools/benchmark_gpu.py --sizes d2048 --models vanilla" in line for line in lines)
+    assert any("tools/benchmark.py prefetch --device cuda" in line for line in lines)
     assert f"{len(launches)} pretrain configurations load" in out  # every --set is a valid override
     assert not os.path.exists(tmp_path / "runs")  # nothing ran
 

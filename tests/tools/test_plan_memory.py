@@ -57,9 +57,6 @@ def test_bad_input(args, message):
     assert r.stderr.strip().splitlines()[-1].startswith(message), r.stderr
 
 
-@pytest.mark.full
-@pytest.mark.xfail(strict=True, reason="megams.parallel.build keeps dim-0 shards as views of the full tensors "
-                   "(see tests/parallel/test_memory_plan.py::test_materialised_shards_own_their_storage)")
 def test_build_rank_0_of_13b_within_the_rss_limit():
     """The issue's bound: peak RSS < 1.3 x the rank's measured shard bytes + 2 GiB (~15 s, ~3 GiB)."""
     r = _run("--config", SCALE, "--world", "512", "--set", "parallel.tensor=8", "--set", "parallel.pipeline=8",
