@@ -41,6 +41,8 @@ from __future__ import annotations
 import functools
 from typing import Callable, Dict, Optional, Tuple
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -320,7 +322,9 @@ def parameter_count(model: nn.Module) -> int:
                 continue
             seen.add(id(p))
             split = _split(module, name)
-            total += p.numel() if split is None else p.numel() // p.shape[split[0]] * split[1]
+            shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 partitioned: its data is empty
+            numel = math.prod(shape)
+            total += numel if split is None else numel // shape[split[0]] * split[1]
     return total
 
 

@@ -48,7 +48,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
+        shape = getattr(p, "ds_shape", p.shape)  # a ZeRO-3 partitioned parameter's data is empty
+        (decay if len(shape) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

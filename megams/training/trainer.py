@@ -548,7 +548,7 @@ def _param_count(model, layout) -> int:
     if layout.tp > 1:
         from megams.parallel.tensor_parallel import parameter_count
         return parameter_count(model)
-    return sum(p.numel() for p in model.parameters())
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: partitioned already
 
 
 def _checkpoint_estimate(n_params: int, mode: str) -> int:

@@ -83,8 +83,14 @@ def _zero3_case(rank, world_size):
                                                        "group": None})
     params = [p for _, p in local.module.named_parameters()]
     full = sum(p.ds_numel for p in params)
+    from megams.training.engine import param_groups
+    from megams.training.trainer import _param_count
+    from megams.training.trainer import Layout
+    groups = [len(g["params"]) for g in param_groups(local.module, 0.1)]  # by full shape, not the empty data
+    count = _param_count(local.module, Layout(world_size, rank, world_size, rank, 1, 1, None))
     return {"partitioned": all(hasattr(p, "ds_id") for p in params), "full": full,
-            "held": sum(p.ds_tensor.numel() for p in params), "bytes": local.shard_bytes()}
+            "held": sum(p.ds_tensor.numel() for p in params), "bytes": local.shard_bytes(),
+            "groups": groups, "count": count}
 
 
 def test_zero3_partitions_each_parameter_as_it_is_made():
@@ -92,4 +98,7 @@ def test_zero3_partitions_each_parameter_as_it_is_made():
     for r in out:
         assert r["partitioned"]
         assert r["held"] <= r["full"] // 2 + 64 and r["bytes"] == 4 * r["held"]   # half of every parameter (+ padding)
-    assert out[0]["full"] == sum(p.numel() for p in build_model(tiny("bottom_up", vocab_size=300), device="meta").parameters())
+    plain = build_model(tiny("bottom_up", vocab_size=300), device="meta")
+    assert out[0]["full"] == out[0]["count"] == sum(p.numel() for p in plain.parameters())
+    from megams.training.engine import param_groups
+    assert out[0]["groups"] == [len(g["params"]) for g in param_groups(plain, 0.1)]   # ZeRO-3 trained with 1 group
