@@ -55,7 +55,8 @@ def build_local_model(cfg, dims=None, device="cpu", seed: Optional[int] = None,
                       zero3: Optional[dict] = None) -> LocalModel:
     """This rank's part of the model of `cfg` (see the module docstring). `device="meta"` stops after
     step 3: the skeleton with its local parameter names, for planning without allocating.
-    `zero3={"config": deepspeed_config, "group": data-parallel group or None}`: ZeRO-3 partitions each
+    `zero3={"config": deepspeed_config, "group": data-parallel group or None, "mpu": the layout's mpu}`
+    (the mpu gives DeepSpeed the data-parallel world its batch sizes are checked against): ZeRO-3 partitions each
     parameter over the data ranks as soon as it is materialised (DeepSpeed's `zero.Init(module=...)`,
     one parameter at a time), so a rank never holds more than its partitions + one full parameter."""
     from megams.models import build_model
@@ -164,7 +165,7 @@ def _zero3_partitioner(zero3: dict) -> Callable[[nn.Parameter], None]:
 
     def partition(p: nn.Parameter) -> None:
         deepspeed.zero.Init(module=_Holder(p), config_dict_or_path=zero3["config"],
-                            data_parallel_group=zero3.get("group"))
+                            data_parallel_group=zero3.get("group"), mpu=zero3.get("mpu"))
     return partition
 
 

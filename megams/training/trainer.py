@@ -214,8 +214,14 @@ class Trainer:
         zero3 = None
         if self.cfg.parallel.zero_stage == 3:  # partitioned over the data ranks as each parameter is made
             from megams.training.engine import deepspeed_config
-            zero3 = {"config": deepspeed_config(self.cfg, layout.dp, mode), "group": _dp_group(layout)}
+            zero3 = {"config": deepspeed_config(self.cfg, layout.dp, mode), "group": _dp_group(layout),
+                     "mpu": layout.dims.mpu if layout.dims is not None else None}
         local = build_local_model(self.cfg, layout.dims, self.device, zero3=zero3)
+        if self.cfg.training.compile:  # per block, after apply_tp / apply_ac, before the engine
+            from megams.parallel.compile import apply_compile
+            report = apply_compile(local.module, self.cfg)
+            if layout.rank == 0:
+                print(report.describe(), flush=True)
         return local.module, local.loss_fn
 
     # -- the loop -------------------------------------------------------------------------
