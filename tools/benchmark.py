@@ -62,6 +62,9 @@ def main(argv=None) -> int:
     th.add_argument("--batch", type=int, default=4)
     th.add_argument("--steps", type=int, default=4, help="timed steps per configuration (after warm-up)")
     th.add_argument("--quick", action="store_true", help="d256 only, no compile / checkpointing variants")
+    th.add_argument("--compile-grid", nargs="*", metavar="SIZE", default=None,
+                    help="only eager vs compiled (training.compile's per-block torch.compile) for vanilla and "
+                         "bottom-up, fp32 and bf16, at these sizes (d128 = the tiny configs' width; default d128)")
 
     pe = sub.add_parser("peers", help="megams vs HF GPT-2 and hourglass-transformer-pytorch")
     common(pe)
@@ -105,6 +108,8 @@ def main(argv=None) -> int:
     elif a.study == "throughput":
         from megams.bench import throughput
         grid = throughput.default_grid(sizes=("d256",), big=None, options_size=None) if a.quick else None
+        if a.compile_grid is not None:
+            grid = throughput.compile_grid(a.compile_grid or ("d128",))
         throughput.run(_out(a, "throughput"), grid=grid, seq_len=a.seq_len, batch=a.batch, steps=a.steps,
                        threads=a.threads)
     elif a.study == "peers":

@@ -78,6 +78,16 @@ def apply_block_checkpointing(model) -> str:
     return "torch.utils.checkpoint per Block"
 
 
+def apply_block_compile(model) -> str:
+    """torch.compile per transformer Block, as `training.compile` does in the trainer
+    (megams.parallel.compile.apply_compile); returns its start-up line."""
+    from megams.config.schema import Config
+    from megams.parallel.compile import apply_compile
+    cfg = Config()
+    cfg.training.compile = True
+    return apply_compile(model, cfg).describe()
+
+
 def _build_megams(spec):
     from megams.config.schema import ModelConfig
     from megams.models import build_model
@@ -224,7 +234,13 @@ def run_spec(spec: dict, log: Optional[Callable[[str], None]] = None) -> dict:
         result["ac_how"] = apply_block_checkpointing(model)
         if spec["measure_activations"]:
             result["act_bytes_per_seq_ac"] = measure_saved_bytes_per_seq(model, T, vocab, autocast, dev)
-    fwd = torch.compile(model) if spec["compile"] else model
+    fwd = model
+    if spec["compile"]:
+        if spec["impl"] == "megams":  # the trainer's path: torch.compile per Block (training.compile)
+            result["compile_how"] = apply_block_compile(model)
+        else:
+            fwd = torch.compile(model)
+            result["compile_how"] = "torch.compile(model)"
 
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]

@@ -14,6 +14,7 @@ from megams.bench.runner import run_spec
 from megams.training.mfu import measure_matmul_flops
 
 SIZES = {  # name: (d_model, heads, vanilla layers)
+    "d128": (128, 4, 4),   # the tiny configs' width (configs/tiny/vanilla.yaml's shape)
     "d256": (256, 4, 4),
     "d512": (512, 8, 4),
     "d768": (768, 12, 4),
@@ -53,6 +54,13 @@ def default_grid(sizes=("d256", "d512"), models=("vanilla", "bottom_up", "top_do
                 for comp, ac in ((True, False), (False, True)):
                     grid.append({"model": m, "size": options_size, "precision": p, "compile": comp, "ac": ac})
     return grid
+
+
+def compile_grid(sizes=("d128",), models=("vanilla", "bottom_up"), precisions=("fp32", "bf16")) -> List[dict]:
+    """Eager and compiled (training.compile's path: torch.compile per Block, megams.bench.runner.
+    apply_block_compile) side by side, no checkpointing."""
+    return [{"model": m, "size": s, "precision": p, "compile": comp, "ac": False}
+            for s in sizes for m in models for p in precisions for comp in (False, True)]
 
 
 def run(out_dir: str, grid: Optional[List[dict]] = None, seq_len: int = 256, batch: int = 4, steps: int = 4,

@@ -253,7 +253,9 @@ class TrainingConfig(_Strict):
         "(local rank r uses device r mod device_count), e.g. tp=2 on a one-GPU machine; NCCL refuses that")
     eval_interval: int = Field(100, ge=0, description="0: evaluate only at the end")
     eval_batches: int = Field(8, gt=0)
-    compile: bool = False
+    compile: bool = Field(False, description="torch.compile every transformer Block (dynamic=False; blocks of one "
+                          "shape share a graph), after tensor parallelism and activation checkpointing "
+                          "(megams.parallel.compile.apply_compile); not with parallel.zero_stage=3")
     fused_kernels: Literal["auto", "apex", "torch"] = Field(
         "auto", description="auto: NVIDIA apex's fused norms and Adam when importable on CUDA, else torch's "
         "(fused AdamW on CUDA); apex: require NVIDIA apex (error if absent); torch: never apex")

@@ -44,9 +44,36 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> tuple
     return angles.cos(), angles.sin()
 
 
-def apply_rotary(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
-    """Rotate x [B, T, H, head_dim] by its positions [T] (half-split / GPT-NeoX layout), in fp32."""
-    cos, sin = rotary_cos_sin(positions, x.shape[-1], base)
+_ROTARY_TABLES: dict = {}  # (length, head_dim, base, device) -> rotary_cos_sin(arange(length)), fp32
+
+
+def rotary_tables(length: int, head_dim: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rotary_cos_sin(torch.arange(length), head_dim, base)`, cached: the same tensors (the same
+    values, bit for bit) for every layer and step. Under torch.compile (the graph computes them) and
+    inference_mode (tensors that could not be saved for a later backward) they are not cached."""
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+        return rotary_cos_sin(torch.arange(length, device=device), head_dim, base)
+    key = (int(length), int(head_dim), float(base), torch.device(device))
+    hit = _ROTARY_TABLES.get(key)
+    if hit is None:
+        if len(_ROTARY_TABLES) >= 64:
+            _ROTARY_TABLES.clear()
+        with torch.no_grad():
+            hit = _ROTARY_TABLES[key] = rotary_cos_sin(torch.arange(length, device=device), head_dim, base)
+    return hit
+
+
+def apply_rotary(x: torch.Tensor, positions: Optional[torch.Tensor], base: float) -> torch.Tensor:
+    """Rotate x [B, T, H, head_dim] by its positions [T] (half-split / GPT-NeoX layout), in fp32.
+    `positions=None`: 0..T-1 (cached tables, `rotary_tables`)."""
+    if positions is None:
+        cos, sin = rotary_tables(x.shape[1], x.shape[-1], base, x.device)
+    else:
+        cos, sin = rotary_cos_sin(positions, x.shape[-1], base)
+    return _rotate(x, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
@@ -157,8 +184,8 @@ class Attention(nn.Module):
         k = self.wk(ctx).view(B, S, -1, self.head_dim)
         v = self.wv(ctx).view(B, S, -1, self.head_dim)
         if self.rotary_base is not None:
-            q = apply_rotary(q, q_pos if q_pos is not None else torch.arange(T, device=x.device), self.rotary_base)
-            k = apply_rotary(k, k_pos if k_pos is not None else torch.arange(S, device=x.device), self.rotary_base)
+            q = apply_rotary(q, q_pos, self.rotary_base)  # None: 0..T-1, cached tables
+            k = apply_rotary(k, k_pos, self.rotary_base)
         dropout_p = self.dropout if self.training else 0.0
         if mask is not None:  # a dense boolean mask: flex_attention's block mask where it is available
             y = masked_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, dropout_p)

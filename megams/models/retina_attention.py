@@ -94,6 +94,7 @@ def _plan(n: int, chunk: int, factors: Tuple[int, ...], windows: Tuple[int, ...]
         return RetinaPlan(chunk, N, index, key_len, torch.cat(masks, dim=-1).to(device))
 
 
+@torch.compiler.disable  # eager and cached (data-dependent sizes): a compiled block gets its tensors as inputs
 def retina_plan(n: int, chunk: int, factors: Sequence[int], windows: Sequence[int], last_all: bool,
                 device: torch.device) -> RetinaPlan:
     return _plan(n, chunk, tuple(factors), tuple(windows), last_all, str(device))
@@ -123,7 +124,7 @@ class RetinaAttention(nn.Module):
         return cls(cfg.d_model, cfg.n_heads, cfg.retina_factors, cfg.retina_windows, cfg.retina_last_window,
                    cfg.retina_chunk_size, cfg.dropout, cfg.rotary_base if cfg.positions == "rotary" else None)
 
-    def _rotate(self, t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def _rotate(self, t: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:  # None: 0..n-1
         return t if self.rotary_base is None else apply_rotary(t, pos, self.rotary_base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,13 +133,13 @@ class RetinaAttention(nn.Module):
         plan = retina_plan(n, self.chunk, self.factors, self.windows, self.last_all, dev)
         N, C = plan.n_chunks, plan.chunk
 
-        q = self._rotate(self.wq(x).view(B, n, -1, hd), torch.arange(n, device=dev))
+        q = self._rotate(self.wq(x).view(B, n, -1, hd), None)
         keys, values = [], []
         for K, idx, length in zip([1, *self.factors], plan.index, plan.key_len):
             if idx is None:
                 continue
             if K == 1:
-                xs, pos = x, torch.arange(n, device=dev)
+                xs, pos = x, None
             else:  # absolute-aligned blocks; a partial last block is never visible (it ends after i)
                 nb = math.ceil(n / K)
                 xs = F.pad(x, (0, 0, 0, nb * K - n)).view(B, nb, K, -1).mean(dim=2)

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from megams.models.layers import MLP, Attention, Block, apply_rotary, make_norm
+from megams.models.layers import (MLP, Attention, Block, apply_rotary, make_norm, rotary_cos_sin,
+                                  rotary_tables)
 from tests.models.cases import tiny
 
 
@@ -15,6 +16,21 @@ def test_rotary_scores_depend_on_distance_only():
 
     torch.testing.assert_close(score(5, 2), score(105, 102))
     assert not torch.allclose(score(5, 2), score(5, 3))
+
+
+def test_rotary_tables_are_cached_and_exact():
+    """Default positions (0..T-1) reuse one cached cos/sin table per (length, head_dim, base, device),
+    bit for bit what rotary_cos_sin computes; explicit positions give the same rotation."""
+    cos, sin = rotary_tables(16, 8, 10000.0, "cpu")
+    ref = rotary_cos_sin(torch.arange(16), 8, 10000.0)
+    assert torch.equal(cos, ref[0]) and torch.equal(sin, ref[1])
+    again = rotary_tables(16, 8, 10000.0, torch.device("cpu"))
+    assert again[0] is cos and again[1] is sin
+    assert rotary_tables(16, 8, 500.0, "cpu")[0] is not cos
+    x = torch.randn(2, 16, 3, 8)
+    assert torch.equal(apply_rotary(x, None, 10000.0), apply_rotary(x, torch.arange(16), 10000.0))
+    with torch.inference_mode():  # never cached from inference mode (it could not be saved for backward)
+        assert rotary_tables(17, 8, 10000.0, "cpu")[0] is not rotary_tables(17, 8, 10000.0, "cpu")[0]
 
 
 def test_attention_with_fewer_heads_is_a_tensor_parallel_shard():
