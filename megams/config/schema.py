@@ -310,6 +310,10 @@ class Config(_Strict):
         mb, gb = self.training.micro_batch_size, self.training.global_batch_size
         if gb % mb:
             raise ValueError(f"training.global_batch_size={gb} is not a multiple of training.micro_batch_size={mb}")
+        if self.training.compile and self.parallel.zero_stage == 3:
+            raise ValueError("training.compile=true with parallel.zero_stage=3: ZeRO-3 gathers parameters in hooks "
+                             "per submodule, which cannot run inside a compiled block; use zero_stage <= 2 or "
+                             "training.compile=false")
         return self
 
     def grad_accum_steps(self, dp_size: int) -> int:

@@ -132,6 +132,11 @@ def test_config__pipeline_with_zero(entry, capsys, trained_run):
                 "parallel: zero_stage=2 with pipeline=2", "use zero_stage 0 or 1")
 
 
+def test_config__compile_with_zero3(entry, capsys, trained_run):
+    entry.check(_config_error(capsys, trained_run, "training.compile=true", "parallel.zero_stage=3"),
+                "training.compile=true with parallel.zero_stage=3", "use zero_stage <= 2")
+
+
 def test_config__vocab_below_bytes(entry, capsys, trained_run):
     entry.check(_config_error(capsys, trained_run, "model.vocab_size=100"),
                 "model.vocab_size=100 is smaller than the byte tokenizer's 256")
