@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from megams.config.schema import ModelConfig
@@ -40,8 +41,11 @@ class Shorten(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, n, d = x.shape
         k, m = self.k, n // self.k
-        front = x.new_zeros(B, k - 1, d) if self.pad is None else self.pad.to(x.dtype).expand(B, k - 1, d)
-        x = torch.cat([front, x[:, :n - k + 1]], dim=1)  # shifted: group j holds fine j*k-k+1 .. j*k
+        # shifted right by k-1: group j holds fine j*k-k+1 .. j*k (one copy, no zeros tensor + cat)
+        if self.pad is None:
+            x = F.pad(x[:, :n - k + 1], (0, 0, k - 1, 0))
+        else:
+            x = torch.cat([self.pad.to(x.dtype).expand(B, k - 1, d), x[:, :n - k + 1]], dim=1)
         return self.pool(x.view(B, m, k, d))
 
     def pool(self, groups: torch.Tensor) -> torch.Tensor:
