@@ -285,6 +285,10 @@ class LoggingConfig(_Strict):
     interval: int = Field(10, ge=1)
     tensorboard: bool = False
     progress_bar: bool = True
+    comm_timing: bool = Field(False, description="time every collective of a training step (megams' own "
+                              "and DeepSpeed's, through its comms logger): each logged step's record gets comm_s, "
+                              "comm_ops (calls, seconds, bytes per op) and ranks (every rank's comm_s, step time "
+                              "and peak memory). On CUDA it synchronises around each collective: off for throughput runs")
 
 
 class Config(_Strict):

@@ -14,9 +14,16 @@ take CPU tensors. Every megams collective on a tensor goes through `all_reduce` 
 `all_gather_into_tensor` / `reduce_scatter_tensor` here (tests/distributed/test_comm_device.py
 checks that no module calls torch.distributed collectives directly, and that the tensors handed
 to these wrappers are on `comm_device()`).
+
+Timing (`logging.comm_timing`, megams.training.comm_timing): `start_timing()` makes every wrapper
+below record, per (op, group size), its calls, wall seconds and full-tensor bytes into a `CommTimer`
+(on CUDA the current stream is synchronised before and after, so a call's time is its own); off,
+the only cost is one `is None` test per call. Ops are recorded at the call: an `async_op=True`
+call counts its launch only (megams issues none).
 """
 from __future__ import annotations
 
+import time
 from typing import Optional, Sequence, Union
 
 import torch
@@ -95,14 +102,70 @@ def check_device(t: torch.Tensor, group=None, what: str = "collective") -> None:
                                     f"only reduces {comm_device(group).type} tensors")
 
 
+# opt-in timing of the collectives below ----------------------------------------------------------
+class CommTimer:
+    """Per (op, group size): [calls, seconds, bytes of the full tensor combined]. All-gather counts
+    its (gathered) output, reduce-scatter its (unscattered) input, the others their tensor."""
+
+    def __init__(self):
+        self.records: dict = {}
+
+    def reset(self) -> None:
+        self.records = {}
+
+    @property
+    def seconds(self) -> float:
+        return sum(r[1] for r in self.records.values())
+
+    def run(self, op: str, t: torch.Tensor, full_bytes: int, group, fn):
+        sync = t.device.type == "cuda"
+        if sync:
+            torch.cuda.current_stream(t.device).synchronize()
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            if sync:
+                torch.cuda.current_stream(t.device).synchronize()
+            r = self.records.setdefault((op, world_size(group)), [0, 0.0, 0])
+            r[0] += 1
+            r[1] += time.perf_counter() - t0
+            r[2] += full_bytes
+
+
+_timer: Optional[CommTimer] = None
+
+
+def start_timing() -> CommTimer:
+    """Time every collective of this module from now on (a fresh timer)."""
+    global _timer
+    _timer = CommTimer()
+    return _timer
+
+
+def stop_timing() -> None:
+    global _timer
+    _timer = None
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None, async_op: bool = False):
     check_device(t, group, "all_reduce")
-    return dist.all_reduce(t, op=op, group=group, async_op=async_op)
+    if _timer is None:
+        return dist.all_reduce(t, op=op, group=group, async_op=async_op)
+    return _timer.run("all_reduce", t, _nbytes(t), group,
+                      lambda: dist.all_reduce(t, op=op, group=group, async_op=async_op))
 
 
 def broadcast(t: torch.Tensor, src: int, group=None, async_op: bool = False):
     check_device(t, group, "broadcast")
-    return dist.broadcast(t, src=src, group=group, async_op=async_op)
+    if _timer is None:
+        return dist.broadcast(t, src=src, group=group, async_op=async_op)
+    return _timer.run("broadcast", t, _nbytes(t), group,
+                      lambda: dist.broadcast(t, src=src, group=group, async_op=async_op))
 
 
 # torch 2.13 renamed the single-tensor collectives (`*_into_tensor` / `*_tensor` warn as deprecated)
@@ -114,7 +177,10 @@ def all_gather_into_tensor(out: torch.Tensor, t: torch.Tensor, group=None, async
     """`out` (world x t.numel(), rank-major along dim 0) gets every rank's `t`."""
     check_device(t, group, "all_gather_into_tensor")
     check_device(out, group, "all_gather_into_tensor (output)")
-    return _all_gather_single(out, t, group=group, async_op=async_op)
+    if _timer is None:
+        return _all_gather_single(out, t, group=group, async_op=async_op)
+    return _timer.run("all_gather_into_tensor", out, _nbytes(out), group,
+                      lambda: _all_gather_single(out, t, group=group, async_op=async_op))
 
 
 def reduce_scatter_tensor(out: torch.Tensor, t: torch.Tensor, op=dist.ReduceOp.SUM, group=None,
@@ -122,17 +188,26 @@ def reduce_scatter_tensor(out: torch.Tensor, t: torch.Tensor, op=dist.ReduceOp.S
     """`out` gets this rank's part (along dim 0) of the sum of every rank's `t`."""
     check_device(t, group, "reduce_scatter_tensor")
     check_device(out, group, "reduce_scatter_tensor (output)")
-    return _reduce_scatter_single(out, t, op=op, group=group, async_op=async_op)
+    if _timer is None:
+        return _reduce_scatter_single(out, t, op=op, group=group, async_op=async_op)
+    return _timer.run("reduce_scatter_tensor", t, _nbytes(t), group,
+                      lambda: _reduce_scatter_single(out, t, op=op, group=group, async_op=async_op))
 
 
 def send(t: torch.Tensor, dst: int, group=None) -> None:
     check_device(t, group, "send")
-    dist.send(t, dst=dst, group=group)
+    if _timer is None:
+        dist.send(t, dst=dst, group=group)
+    else:
+        _timer.run("send", t, _nbytes(t), group, lambda: dist.send(t, dst=dst, group=group))
 
 
 def recv(t: torch.Tensor, src: int, group=None) -> None:
     check_device(t, group, "recv")
-    dist.recv(t, src=src, group=group)
+    if _timer is None:
+        dist.recv(t, src=src, group=group)
+    else:
+        _timer.run("recv", t, _nbytes(t), group, lambda: dist.recv(t, src=src, group=group))
 
 
 def barrier(group=None) -> None:

@@ -36,6 +36,8 @@ def deepspeed_config(cfg: Config, dp_size: int, mode: str) -> dict:
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
+    if cfg.logging.comm_timing:  # read per step by megams.training.comm_timing
+        ds["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False, "debug": False}
     if cfg.parallel.pipeline > 1:
         from megams.parallel.pipeline import deepspeed_pipeline_config
         ds["pipeline"] = deepspeed_pipeline_config(cfg)

@@ -116,6 +116,7 @@ class Trainer:
         self.distributed_started = False
         self.board = None  # megams.distributed.watchdog.ProgressBoard: who reached which step
         self.preempt = None
+        self.comm_timing = None  # megams.training.comm_timing.StepCommTiming (logging.comm_timing)
         self.step = 0
 
     def shutdown(self) -> None:
@@ -125,6 +126,9 @@ class Trainer:
         if self.preempt is not None:  # main() may run again in this process (tests, notebooks)
             self.preempt.uninstall()
             self.preempt = None
+        if self.comm_timing is not None:
+            self.comm_timing.close()
+            self.comm_timing = None
         if self.owns_process_group:
             _shutdown()
         else:  # the caller's process group lives on; DeepSpeed's record of this run's topology must not
@@ -327,7 +331,13 @@ class Trainer:
         own_norm = c.parallel.zero_stage == 0 and mode in ("fp32", "autocast_bf16") and self.pipeline is None
         gnorm, last_loss = None, None
         engine.train()
+        if c.logging.comm_timing:
+            from megams.training.comm_timing import StepCommTiming
+            self.comm_timing = StepCommTiming()
+        timing = self.comm_timing
         while step < c.training.max_steps:
+            if timing is not None:
+                timing.start_step()
             t0 = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
             batches = train.next()
@@ -357,6 +367,12 @@ class Trainer:
             if not own_norm:
                 gnorm = engine.get_global_grad_norm()
             gnorm = float(gnorm) if gnorm is not None and (log_now or event) else None
+            timed = None
+            if timing is not None and (log_now or event):  # every rank: the gather is a collective
+                from megams.training.comm_timing import gather_ranks
+                timed = timing.end_step()
+                timed["ranks"] = gather_ranks({"comm_s": timed["comm_s"], "step_time_s": dt,
+                                               "peak_mem_bytes": _peak_mem(self.device), "comm_ops": timed["comm_ops"]})
             skips["consecutive"] = skips["consecutive"] + 1 if event else 0
             skips["total"] += bool(event)
             if is_main and (event or step % c.logging.interval == 0 or step == c.training.max_steps):
@@ -368,6 +384,8 @@ class Trainer:
                        "consumed_tokens": train.consumed_samples * c.data.seq_len, "skipped_steps": skips["total"]}
                 if event:
                     rec.update(skipped=True, nonfinite=event.describe())
+                if timed is not None:  # this rank's collectives; then every rank's, in rank order
+                    rec.update(timed)
                 metrics.write(rec)
             if event:
                 self._on_nonfinite(event, step, skips, save, meta_for, train, progress, is_main)
