@@ -4,8 +4,8 @@ raw JSON, the table and a PNG plot into --out (default bench_out/<study>/).
 
     python tools/benchmark.py tradeoff   [--corpus FILE] [--steps 1000] [--d-model 128] [--layers 8] ...
     python tools/benchmark.py throughput [--batch 4] [--steps 6] [--quick]
-    python tools/benchmark.py peers      [--corpus FILE] [--steps 30]
-    python tools/benchmark.py scaling    (needs megams.parallel tensor/pipeline support)
+    python tools/benchmark.py peers      [--corpus FILE] [--steps 30] [--repeats 3]
+    python tools/benchmark.py scaling    [--config configs/tiny/vanilla.yaml] [--steps 8] [--layouts 2x1x1 ...]
     python tools/benchmark.py tiny       [--corpus FILE] [--steps 300]
     python tools/benchmark.py prefetch   [--config configs/tiny/bottom_up.yaml] [--steps 12] [--rounds 3]
 
@@ -66,7 +66,8 @@ def main(argv=None) -> int:
                     help="only eager vs compiled (training.compile's per-block torch.compile) for vanilla and "
                          "bottom-up, fp32 and bf16, at these sizes (d128 = the tiny configs' width; default d128)")
 
-    pe = sub.add_parser("peers", help="megams vs HF GPT-2 and hourglass-transformer-pytorch")
+    pe = sub.add_parser("peers", help="megams vs HF GPT-2, hourglass-transformer-pytorch and litgpt, each in its "
+                                         "fastest setting, repeated in fresh processes")
     common(pe)
     pe.add_argument("--d-model", type=int, default=256)
     pe.add_argument("--heads", type=int, default=4)
@@ -74,9 +75,19 @@ def main(argv=None) -> int:
     pe.add_argument("--seq-len", type=int, default=256)
     pe.add_argument("--batch", type=int, default=8)
     pe.add_argument("--steps", type=int, default=30)
+    pe.add_argument("--repeats", type=int, default=3,
+                    help="fresh processes per model, models alternating between repeats (median, min-max)")
 
-    sc = sub.add_parser("scaling", help="tokens/s and memory per rank across dp/tp/pp layouts")
+    sc = sub.add_parser("scaling", help="tokens/s, memory per rank and comm share across dp/tp/pp layouts")
     common(sc, corpus=False)
+    sc.add_argument("--config", default="", help="trainer config (default configs/tiny/vanilla.yaml)")
+    sc.add_argument("--steps", type=int, default=8, help="training steps per layout (the first 3 are warm-up)")
+    sc.add_argument("--layouts", nargs="*", default=None, metavar="DPxTPxPP",
+                    help="e.g. 2x1x1 1x2x2 (default: dp2, tp2, pp2, dp2xtp2, tp2xpp2, dp4)")
+    sc.add_argument("--link-gbps", type=float, default=300.0,
+                    help="8-GPU node model: GB/s per GPU and direction, as all-reduce bus bandwidth (H100 NVLink 4)")
+    sc.add_argument("--latency-us", type=float, default=10.0, help="8-GPU node model: microseconds per collective")
+    sc.add_argument("--gpu-tflops", type=float, default=400.0, help="8-GPU node model: achieved TFLOP/s per GPU")
 
     ti = sub.add_parser("tiny", help="configs/tiny/*.yaml through the real trainer")
     common(ti)
@@ -115,10 +126,13 @@ def main(argv=None) -> int:
     elif a.study == "peers":
         from megams.bench import peers
         peers.run(a.corpus, _out(a, "peers"), d=a.d_model, heads=a.heads, L=a.layers, seq_len=a.seq_len,
-                  batch=a.batch, steps=a.steps, threads=a.threads)
+                  batch=a.batch, steps=a.steps, threads=a.threads, repeats=a.repeats)
     elif a.study == "scaling":
         from megams.bench import scaling
-        return scaling.run(_out(a, "scaling"), threads=a.threads)
+        node = dict(scaling.NODE, link_GBps=a.link_gbps, latency_us=a.latency_us, gpu_tflops=a.gpu_tflops)
+        layouts = [tuple(int(x) for x in lay.lower().split("x")) for lay in a.layouts] if a.layouts else None
+        return scaling.run(_out(a, "scaling"), threads=a.threads, steps=a.steps, config=a.config, layouts=layouts,
+                           node=node)
     elif a.study == "tiny":
         from megams.bench import tiny
         tiny.run(a.corpus, _out(a, "tiny"), steps=a.steps, configs=a.configs, threads=a.threads, extra=[

@@ -4,8 +4,9 @@
     result = run_fresh(spec)         # in a fresh Python process (clean peak-memory reading)
 
 A spec is a plain JSON-able dict (see `DEFAULTS`); `spec["impl"]` picks who builds the model:
-"megams" (a `ModelConfig` dict in `spec["model"]`), "gpt2" (Hugging Face transformers) or
-"hourglass" (hourglass-transformer-pytorch), the last two only for the peer study.
+"megams" (a `ModelConfig` dict in `spec["model"]`), "gpt2" (Hugging Face transformers),
+"hourglass" (hourglass-transformer-pytorch) or "litgpt" (litgpt.model.GPT), the last three only for
+the peer study.
 
 The loop is a plain torch loop (AdamW, warmup + cosine, grad clipping), not the DeepSpeed trainer:
 the studies compare models, and the trainer's own numbers are the `tiny` study's job.
@@ -25,7 +26,7 @@ from typing import Callable, Optional
 
 DEFAULTS = {
     "impl": "megams",
-    "model": {},              # megams: ModelConfig fields; gpt2/hourglass: their shape (see _build_peer)
+    "model": {},              # megams: ModelConfig fields; gpt2/hourglass/litgpt: their shape (see _build_peer)
     "data_path": None,        # text file; None: random tokens (timing only)
     "data_cache": ".cache/megams-data",
     "seq_len": 256,
@@ -109,16 +110,21 @@ def _layer_count(cfg) -> int:
 
 def _build_peer(spec):
     """Peers, same shape as the megams model they are compared with: vocab, d, heads, 4d GELU MLP,
-    layernorm, learned positions, tied (GPT-2) / untied (hourglass, as the package does it) head."""
+    layernorm; learned positions and a tied head (GPT-2), learned positions and an untied head
+    (hourglass, as the package does it), rotary positions and an untied head (litgpt, which has no
+    learned positions). Each in its fastest documented setting (see megams.bench.peers.PEER_SETTINGS);
+    `info["setting"]` says which, as built."""
     import torch
     m = spec["model"]
     torch.manual_seed(spec["seed"])
     if spec["impl"] == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
+        attn = m.get("attn_implementation", "sdpa")
+        act = m.get("activation_function", "gelu")
         conf = GPT2Config(vocab_size=m["vocab_size"], n_positions=spec["seq_len"], n_embd=m["d_model"],
                           n_layer=m["n_layers"], n_head=m["n_heads"], resid_pdrop=0.0, embd_pdrop=0.0,
-                          attn_pdrop=0.0, use_cache=False)
-        conf._attn_implementation = m.get("attn_implementation", "sdpa")
+                          attn_pdrop=0.0, use_cache=False, activation_function=act, attn_implementation=attn)
+        conf._attn_implementation = attn  # older transformers read only the private field
         hf = GPT2LMHeadModel(conf)
 
         class Wrap(torch.nn.Module):
@@ -128,16 +134,48 @@ def _build_peer(spec):
 
             def forward(self, tokens):
                 return self.hf(input_ids=tokens).logits
-        return Wrap(), {"layers": m["n_layers"]}
+        import transformers
+        return Wrap(), {"layers": m["n_layers"], "peer_version": transformers.__version__,
+                        "setting": f"attn_implementation={hf.config._attn_implementation}, "
+                                   f"activation_function={hf.config.activation_function}"}
     if spec["impl"] == "hourglass":
         from hourglass_transformer_pytorch import HourglassTransformerLM
         depth = tuple(m["depth"])  # (pre, valley, post)
+        # the package's attention is einsum + masked softmax (no SDPA switch); its cheapest documented
+        # resampling options: no attention resampling, naive (avg pool / repeat) up/down sampling
         model = HourglassTransformerLM(num_tokens=m["vocab_size"], dim=m["d_model"], max_seq_len=spec["seq_len"],
                                        depth=depth, shorten_factor=m["shorten_factor"], heads=m["n_heads"],
                                        dim_head=m["d_model"] // m["n_heads"], attn_resampling=False,
                                        updown_sample_type="naive", causal=True)
-        return model, {"layers": sum(depth)}
+        return model, {"layers": sum(depth), "peer_version": _dist_version("hourglass-transformer-pytorch"),
+                       "setting": "attn_resampling=False, updown_sample_type=naive (einsum attention: "
+                                  "the package has no SDPA option)"}
+    if spec["impl"] == "litgpt":
+        from litgpt.config import Config
+        from litgpt.model import GPT
+        d, h, L = m["d_model"], m["n_heads"], m["n_layers"]
+        # megams' vanilla: pre-norm LayerNorm blocks, sequential residual, bias-free linears, exact GELU
+        # 4d MLP, full rotary, multi-head (no GQA); built here, nothing fetched from a hub
+        conf = Config(name="megams-vanilla", block_size=spec["seq_len"], vocab_size=m["vocab_size"],
+                      padded_vocab_size=m["vocab_size"], n_layer=L, n_head=h, n_embd=d, n_query_groups=h,
+                      head_size=d // h, rotary_percentage=1.0, parallel_residual=False, bias=False,
+                      attn_bias=False, lm_head_bias=False, norm_class_name="LayerNorm", norm_eps=1e-5,
+                      mlp_class_name="GptNeoxMLP", intermediate_size=4 * d, gelu_approximate="none")
+        model = GPT(conf)
+        # GPT.forward(idx) without input_pos builds no mask: CausalSelfAttention calls
+        # F.scaled_dot_product_attention(..., is_causal=True) (its SDPA path; no softcapping set)
+        assert conf.attention_logit_softcapping is None
+        return model, {"layers": L, "peer_version": _dist_version("litgpt"),
+                       "setting": "F.scaled_dot_product_attention(is_causal=True), fused qkv"}
     raise ValueError(f"unknown impl {spec['impl']!r}")
+
+
+def _dist_version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "?"
 
 
 class _RandomTokens:

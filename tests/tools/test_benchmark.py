@@ -80,12 +80,63 @@ def test_throughput_toy(tmp_path):
     assert len(throughput.default_grid()) > 20
 
 
-@pytest.mark.skipif(not all(peers.available().values()), reason="peers not installed (tools/requirements-bench.txt)")
+@pytest.mark.skipif(not all(peers.available().values()),
+                    reason="peers not installed (transformers, hourglass-transformer-pytorch, litgpt: "
+                           "tools/requirements-bench.txt)")
 def test_peers_toy(tmp_path, corpus):
+    assert set(peers.available()) == {"gpt2", "hourglass", "litgpt"}
     res = peers.run(corpus, str(tmp_path), d=32, heads=2, L=4, k=2, seq_len=32, batch=2, steps=2, threads=1,
-                    data_cache=str(tmp_path / "cache"), runner=run_spec, log=quiet)
-    assert [r["peer"] for r in res["rows"]] == ["gpt2", "hourglass"]
-    assert all(r["tok_ratio"] > 0 and r["act_ratio"] > 0 for r in res["rows"])
+                    repeats=1, data_cache=str(tmp_path / "cache"), runner=run_spec, log=quiet, plot_png=False)
+    assert [r["peer"] for r in res["rows"]] == ["gpt2", "hourglass", "litgpt"]
+    assert all(r["tok_ratio"]["median"] > 0 and r["act_ratio"] > 0 for r in res["rows"])
+    settings = {r["peer"]: r["peer_setting"] for r in res["rows"]}
+    assert "sdpa" in settings["gpt2"] and "scaled_dot_product_attention" in settings["litgpt"]
+    lit = res["rows"][2]
+    # litgpt's shape is megams' rotary vanilla with an untied head: the same parameter count
+    assert lit["megams_params"] == lit["peer_params"]
+
+
+def test_peers_spread_and_ratio_arithmetic():
+    s = peers.spread([3.0, 1.0, 2.0, 10.0])
+    assert s == {"median": 2.5, "min": 1.0, "max": 10.0, "n": 4}
+    r = peers.paired_ratios([100.0, 90.0, 120.0], [50.0, 60.0, 40.0])
+    assert r["values"] == [2.0, 1.5, 3.0]
+    assert (r["median"], r["min"], r["max"], r["n"]) == (2.0, 1.5, 3.0, 3)
+    with pytest.raises(ValueError):
+        peers.paired_ratios([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError):
+        peers.spread([])
+
+
+def test_peers_repeats_alternate_without_peers(tmp_path):
+    """A fake runner (no peer installed needed): every model once per repeat, in A B C D order, the
+    JSON keeps every repeat, and the row's numbers are medians / paired ratios of those repeats."""
+    calls = []
+    tok = {"megams": [100.0, 80.0, 120.0], "gpt2": [50.0, 50.0, 40.0], "hourglass": [100.0, 40.0, 60.0]}
+
+    def fake(spec):
+        n = sum(1 for c in calls if c["label"] == spec["label"])
+        calls.append(spec)
+        return {"tokens_per_s": tok[spec["impl"]][n], "params": 10, "act_bytes_per_seq": 4 if spec["impl"] == "megams" else 8,
+                "peak_rss_bytes": 1024 ** 2 * (n + 1), "loss_curve": [1.0]}
+
+    res = peers.run("corpus.txt", str(tmp_path), d=32, heads=2, L=4, k=2, seq_len=32, batch=2, steps=2,
+                    repeats=3, runner=fake, log=quiet, have={"gpt2": True, "hourglass": True, "litgpt": False},
+                    plot_png=False)
+    impls = [c["impl"] for c in calls]
+    assert impls == ["megams", "gpt2", "megams", "hourglass"] * 3
+    assert res["setting"]["repeats"] == 3 and len(res["setting"]["run_order"]) == 12
+    gpt2, hg = res["rows"]
+    assert [r["repeat"] for r in gpt2["megams_runs"]] == [0, 1, 2] and len(gpt2["peer_runs"]) == 3
+    assert "loss_curve" not in gpt2["megams_runs"][0]
+    assert gpt2["megams_tokens_per_s"] == {"median": 100.0, "min": 80.0, "max": 120.0, "n": 3}
+    assert gpt2["tok_ratio"]["values"] == [2.0, 1.6, 3.0] and gpt2["tok_ratio"]["median"] == 2.0
+    assert (hg["tok_ratio"]["min"], hg["tok_ratio"]["median"], hg["tok_ratio"]["max"]) == (1.0, 2.0, 2.0)
+    assert gpt2["act_ratio"] == 0.5
+    text = (tmp_path / "peers.md").read_text()
+    assert "2.00x (1.60–3.00)" in text and "hourglass" in text and "litgpt" not in text
+    saved = json.loads((tmp_path / "peers.json").read_text())
+    assert len(saved["rows"][0]["peer_runs"]) == 3
 
 
 def test_scaling_partition_only(tmp_path):
