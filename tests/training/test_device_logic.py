@@ -62,3 +62,32 @@ def test_evaluation_runs_in_micro_batches(tmp_path, model):
     train = [n for grad, n in seen if grad]
     assert train and set(train) == {2}
     assert len(evals) == 2 * 2 * 8 // 2 and set(evals) == {2}  # 2 evaluations x 2 batches x 8 windows / 2
+
+
+def _loss_syncs(rank, world, argv):
+    """Calls of the trainer's one host sync of the training loss (`_dp_mean`), and the steps logged."""
+    import megams.training.trainer as trainer
+    calls, real = [], trainer._dp_mean
+
+    def counting(local, layout):
+        calls.append(1)
+        return real(local, layout)
+    trainer._dp_mean = counting
+    try:
+        rc = trainer.main(argv)
+    finally:
+        trainer._dp_mean = real
+    return rc, len(calls)
+
+
+def test_training_loss_syncs_once_per_logged_step(tmp_path):
+    """6 steps of 4 micro-batches, logged every 3 steps: 2 host syncs of the loss, not 6 or 24."""
+    run = tmp_path / "run"
+    argv = tiny_args("vanilla", str(run), steps=6, extra=[
+        "training.global_batch_size=8", "training.micro_batch_size=2", "logging.interval=3", "checkpoint.interval=0"])
+    (rc, syncs), = run_ranks(1, [(_loss_syncs, (argv,))], timeout=240)[0]
+    assert rc == 0
+    from tests.training.common import read_metrics
+    steps, _ = read_metrics(str(run))
+    assert [r["step"] for r in steps] == [3, 6] and all(r["loss"] is not None for r in steps)
+    assert syncs == 2
