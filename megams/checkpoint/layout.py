@@ -26,6 +26,8 @@ from typing import Dict, List, Optional
 
 from torch import nn
 
+from megams.parallel.layers import param_shape
+
 LAYOUT_VERSION = 1
 VOCAB_PARAMETERS = ("embed.weight", "head.weight")  # [vocab, d]: padded for tensor parallelism
 
@@ -67,7 +69,7 @@ def optimizer_groups(module: nn.Module) -> List[List[str]]:
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         if p.requires_grad:
-            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(name)
+            (decay if len(param_shape(p)) >= 2 else no_decay).append(name)
     return [g for g in (decay, no_decay) if g]
 
 
@@ -75,7 +77,7 @@ def rank_record(module: nn.Module, plain: dict, mp_rank: int, pp: int, tp: int) 
     layers = _layer_keys(module)
     params = []
     for name, p in module.named_parameters():
-        shape = list(getattr(p, "ds_shape", p.shape))
+        shape = list(param_shape(p))
         dim = int(p.partition_dim) if getattr(p, "tensor_model_parallel", False) else None
         params.append([name, getattr(p, "megams_name", name), shape, dim, layers.get(id(p))])
     return {"mp_rank": mp_rank, "pp": pp, "tp": tp, "params": params, "groups": optimizer_groups(module)}

@@ -117,6 +117,13 @@ class CommTimer:
     def seconds(self) -> float:
         return sum(r[1] for r in self.records.values())
 
+    def add(self, op: str, n: int, seconds: float, full_bytes: int) -> None:
+        """One call of `op` over a group of n ranks."""
+        r = self.records.setdefault((op, n), [0, 0.0, 0])
+        r[0] += 1
+        r[1] += seconds
+        r[2] += full_bytes
+
     def run(self, op: str, t: torch.Tensor, full_bytes: int, group, fn):
         sync = t.device.type == "cuda"
         if sync:
@@ -127,10 +134,7 @@ class CommTimer:
         finally:
             if sync:
                 torch.cuda.current_stream(t.device).synchronize()
-            r = self.records.setdefault((op, world_size(group)), [0, 0.0, 0])
-            r[0] += 1
-            r[1] += time.perf_counter() - t0
-            r[2] += full_bytes
+            self.add(op, world_size(group), time.perf_counter() - t0, full_bytes)
 
 
 _timer: Optional[CommTimer] = None

@@ -24,8 +24,8 @@ How it composes with what was applied before (both replace `forward` on the inst
 - retina blocks (RetinaAttention) compile with Inductor's pattern matcher off (see
   `_INDUCTOR_OPTIONS`) and are split in two at one graph break: their index/mask plan is built
   eagerly and cached (`retina_plan` is `torch.compiler.disable`d) and enters the graphs as inputs.
-Refused (ConfigError naming training.compile): ZeRO stage 3, whose per-submodule parameter
-gather hooks cannot run inside a compiled block.
+Not with ZeRO stage 3 (its per-submodule parameter gather hooks cannot run inside a compiled
+block): the config schema refuses that combination at start-up (`config.compile_with_zero3`).
 """
 from __future__ import annotations
 
@@ -37,7 +37,6 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from megams.config.loader import ConfigError
 from megams.models.layers import Block
 from megams.models.retina_attention import RetinaAttention
 
@@ -133,10 +132,6 @@ def apply_compile(model: nn.Module, cfg) -> CompileReport:
     report = CompileReport()
     if not cfg.training.compile:
         return report
-    if cfg.parallel.zero_stage == 3:
-        raise ConfigError("training.compile=true does not work with parallel.zero_stage=3 (its parameter "
-                          "gather hooks run per submodule, inside the compiled blocks); use zero_stage <= 2 "
-                          "or training.compile=false")
     # Dynamo keeps up to `recompile_limit` graphs per function (8) and runs eagerly past it: one per
     # scale length x train/eval is what a block needs; a deeper hierarchy must not silently fall back
     dyn = torch._dynamo.config

@@ -64,10 +64,11 @@ def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional
     return gather_from_tp(y, group) if gather_output else y
 
 
-
-def _local_shape(p: torch.Tensor) -> tuple:
-    """This rank's shape of a parameter, also once ZeRO-3 has partitioned it (its data is then empty)."""
+def param_shape(p: torch.Tensor) -> tuple:
+    """This rank's shape of a parameter (its tensor-parallel shard), also once ZeRO-3 has partitioned it
+    over the data ranks (its `.data` is then empty and DeepSpeed keeps the shape in `ds_shape`)."""
     return tuple(getattr(p, "ds_shape", p.shape))
+
 
 class ColumnParallelLinear(nn.Module):
     """nn.Linear with the output features split over the tensor ranks.
@@ -134,7 +135,7 @@ class ColumnParallelLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features} "
-                f"({_local_shape(self.weight)[0]} on this rank), bias={self.bias is not None}, "
+                f"({param_shape(self.weight)[0]} on this rank), bias={self.bias is not None}, "
                 f"gather_output={self.gather_output}, sequence_parallel={self.sequence_parallel}"
                 + (", input_in_region=True" if self.input_in_region else ""))
 
@@ -204,7 +205,7 @@ class RowParallelLinear(nn.Module):
         return sd
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features} ({_local_shape(self.weight)[1]} on this rank), "
+        return (f"in_features={self.in_features} ({param_shape(self.weight)[1]} on this rank), "
                 f"out_features={self.out_features}, bias={self.bias is not None}, "
                 f"input_is_parallel={self.input_is_parallel}, sequence_parallel={self.sequence_parallel}"
                 + ("" if self.reduce_output else ", reduce_output=False"))

@@ -39,9 +39,8 @@ without communicating.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Dict, Optional, Tuple
-
 import math
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -53,7 +52,7 @@ from megams.models.layers import MLP, Block
 from megams.models.scales import Aggregation, Shorten, Upsample
 from megams.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megams.parallel.dims import ParallelDims
-from megams.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from megams.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, param_shape
 from megams.parallel.mappings import (all_gather, all_reduce, copy_to_tp, gather_from_sp, reduce_from_tp,
                                       reduce_scatter_to_sp, scatter_to_sp)
 from megams.parallel.random import get_rng_tracker
@@ -322,7 +321,7 @@ def parameter_count(model: nn.Module) -> int:
                 continue
             seen.add(id(p))
             split = _split(module, name)
-            shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 partitioned: its data is empty
+            shape = param_shape(p)
             numel = math.prod(shape)
             total += numel if split is None else numel // shape[split[0]] * split[1]
     return total

@@ -69,7 +69,7 @@ class StepCommTiming:
         self._ds_sizes, self._ds_append = dscomm.get_msg_size_from_args, dscomm.comms_logger.append
         self._signatures: dict = {}
         self._pending: list = []  # (op, n, full bytes) of the DeepSpeed op in flight
-        self._ds_ops: dict = {}  # (op, n) -> [calls, seconds, full bytes]
+        self.ds_timer = comm.CommTimer()  # DeepSpeed's ops, as the comms logger reports them
         dscomm.get_msg_size_from_args = self._note_ds_call
         dscomm.comms_logger.append = self._record_ds_call
 
@@ -95,10 +95,7 @@ class StepCommTiming:
         timer = _ds_comm().timers.timers.get(record_name)
         last = timer.event_timers[-1] if timer is not None and timer.event_timers else 0.0
         secs = float(last) if isinstance(last, (int, float)) else last.get_elapsed_msec() / 1000.0
-        r = self._ds_ops.setdefault((op, n), [0, 0.0, 0])
-        r[0] += 1
-        r[1] += secs
-        r[2] += full
+        self.ds_timer.add(op, n, secs, full)
 
     def close(self) -> None:
         from megams.distributed import comm
@@ -112,7 +109,8 @@ class StepCommTiming:
 
     def start_step(self) -> None:
         self.timer.reset()
-        self._pending, self._ds_ops = [], {}
+        self._pending = []
+        self.ds_timer.reset()
         dscomm = _ds_comm()
         dscomm.comms_logger.comms_dict.clear()  # DeepSpeed's own lists grow with every call otherwise
         for t in dscomm.timers.timers.values():
@@ -120,7 +118,7 @@ class StepCommTiming:
 
     def end_step(self) -> dict:
         ops = {}
-        for prefix, records in (("", self.timer.records), ("ds:", self._ds_ops)):
+        for prefix, records in (("", self.timer.records), ("ds:", self.ds_timer.records)):
             for (op, n), (calls, secs, full) in records.items():
                 ops[f"{prefix}{op}@{n}"] = {"calls": calls, "s": secs, "bytes": full,
                                             "wire_bytes": wire_bytes(op, full, n)}

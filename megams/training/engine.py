@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from megams.config import Config, ConfigError
+from megams.parallel.layers import param_shape
 from megams.training.schedule import lr_multiplier
 
 
@@ -50,8 +51,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        shape = getattr(p, "ds_shape", p.shape)  # a ZeRO-3 partitioned parameter's data is empty
-        (decay if len(shape) >= 2 else no_decay).append(p)
+        (decay if len(param_shape(p)) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

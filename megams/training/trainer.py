@@ -572,7 +572,8 @@ def _param_count(model, layout) -> int:
     if layout.tp > 1:
         from megams.parallel.tensor_parallel import parameter_count
         return parameter_count(model)
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: partitioned already
+    from megams.parallel.layers import param_shape
+    return sum(math.prod(param_shape(p)) for p in model.parameters())
 
 
 def _checkpoint_estimate(n_params: int, mode: str) -> int:
