@@ -26,8 +26,6 @@ from typing import Dict, List, Optional
 
 from torch import nn
 
-from megams.parallel.layers import param_shape
-
 LAYOUT_VERSION = 1
 VOCAB_PARAMETERS = ("embed.weight", "head.weight")  # [vocab, d]: padded for tensor parallelism
 
@@ -66,6 +64,7 @@ def _layer_keys(module: nn.Module) -> Dict[int, list]:
 def optimizer_groups(module: nn.Module) -> List[List[str]]:
     """The names in each param group of `megams.training.engine.param_groups` (decay: ndim >= 2),
     empty groups dropped as DeepSpeed drops them."""
+    from megams.parallel.layers import param_shape  # trainer side: the torch-only loader never imports parallel
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         if p.requires_grad:
@@ -74,6 +73,7 @@ def optimizer_groups(module: nn.Module) -> List[List[str]]:
 
 
 def rank_record(module: nn.Module, plain: dict, mp_rank: int, pp: int, tp: int) -> dict:
+    from megams.parallel.layers import param_shape
     layers = _layer_keys(module)
     params = []
     for name, p in module.named_parameters():
