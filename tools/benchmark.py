@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """megams benchmark studies: one subcommand each; every study prints a Markdown table and writes
-raw JSON, the table and a PNG plot into --out (default bench_out/<study>/).
+raw JSON, the table and (most) a PNG plot into --out (default bench_out/<study>/).
 
     python tools/benchmark.py tradeoff   [--corpus FILE] [--steps 1000] [--d-model 128] [--layers 8] ...
     python tools/benchmark.py throughput [--batch 4] [--steps 6] [--quick]
@@ -8,6 +8,7 @@ raw JSON, the table and a PNG plot into --out (default bench_out/<study>/).
     python tools/benchmark.py scaling    [--config configs/tiny/vanilla.yaml] [--steps 8] [--layouts 2x1x1 ...]
     python tools/benchmark.py tiny       [--corpus FILE] [--steps 300]
     python tools/benchmark.py prefetch   [--config configs/tiny/bottom_up.yaml] [--steps 12] [--rounds 3]
+    python tools/benchmark.py profile    [--size d512] [--option fused_qkv] [--profile-steps 4]
 
 Timed runs share 2 cores here: wrap them in `flock /tmp/megams-heavy.lock`. See docs/RESULTS.md.
 """
@@ -104,6 +105,16 @@ def main(argv=None) -> int:
     pf.add_argument("--device", default="cpu")
     pf.add_argument("--set", action="append", default=[], help="config override, e.g. data.seq_len=128")
 
+    pr = sub.add_parser("profile", help="torch.profiler top ops of vanilla and bottom-up, a model option off vs on")
+    common(pr, corpus=False)
+    pr.add_argument("--size", default="d512", help="d128 | d256 | d512 | d768 (the throughput study's shapes)")
+    pr.add_argument("--option", default="fused_qkv", help="a boolean ModelConfig field: off (before) vs on (after)")
+    pr.add_argument("--steps", type=int, default=6, help="training steps before profiling (the first 2 untimed)")
+    pr.add_argument("--profile-steps", type=int, default=4)
+    pr.add_argument("--top", type=int, default=10)
+    pr.add_argument("--seq-len", type=int, default=256)
+    pr.add_argument("--batch", type=int, default=4)
+
     a = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
     if getattr(a, "corpus", None) and not os.path.isfile(a.corpus):
@@ -141,6 +152,10 @@ def main(argv=None) -> int:
         from megams.bench import prefetch
         prefetch.run(a.config, _out(a, "prefetch"), steps=a.steps, rounds=a.rounds, depths=a.depths,
                      threads=a.threads, device=a.device, overrides=a.set)
+    elif a.study == "profile":
+        from megams.bench import profile
+        profile.run(_out(a, "profile"), size=a.size, option=a.option, seq_len=a.seq_len, batch=a.batch,
+                    steps=a.steps, profile_steps=a.profile_steps, top=a.top, threads=a.threads)
     return 0
 
 

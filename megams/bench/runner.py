@@ -46,6 +46,8 @@ DEFAULTS = {
     "eval_every": 0,          # also evaluate every N steps (0: only at the end)
     "measure_activations": True,
     "seed": 1234,
+    "profile_steps": 0,       # > 0: that many more training steps under torch.profiler; their top ops in the result
+    "profile_top": 12,
     "device": "cpu",          # cpu | cuda (the documented larger GPU setting)
     "label": "",
 }
@@ -312,6 +314,21 @@ def run_spec(spec: dict, log: Optional[Callable[[str], None]] = None) -> dict:
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)),
                 "val_bpb": loss / math.log(2) / ev.bytes_per_token}
 
+    def train_step(s, x=None, y=None):
+        if x is None:
+            x, y = (t.to(dev) for t in data.batch(s, B))
+        with autocast():
+            logits = fwd(x)
+        loss = _loss(logits, y)
+        loss.backward()
+        if spec["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), spec["grad_clip"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        return loss
+
     rss_ready = _rss()
     times, losses, evals = [], [], []
     model.train()
@@ -324,16 +341,7 @@ def run_spec(spec: dict, log: Optional[Callable[[str], None]] = None) -> dict:
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with autocast():
-            logits = fwd(x)
-        loss = _loss(logits, y)
-        loss.backward()
-        if spec["grad_clip"]:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), spec["grad_clip"])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
+        loss = train_step(s, x, y)
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
         if log and (s + 1) % max(1, steps // 10) == 0:
@@ -343,6 +351,8 @@ def run_spec(spec: dict, log: Optional[Callable[[str], None]] = None) -> dict:
             if ev:
                 evals.append({"step": s + 1, **ev})
     train_s = time.perf_counter() - t_start
+    if spec["profile_steps"]:
+        result["profile"] = _profile(lambda: train_step(steps - 1), spec["profile_steps"], spec["profile_top"], cuda)
     timed = times[min(spec["timed_skip"], len(times) - 1):]
     step_s = statistics.median(timed)
     result.update({
@@ -361,6 +371,25 @@ def run_spec(spec: dict, log: Optional[Callable[[str], None]] = None) -> dict:
         result.update(ev)
     result["evals"] = evals
     return result
+
+
+def _profile(step: Callable[[], object], n: int, top: int, cuda: bool) -> dict:
+    """`n` calls of `step` under torch.profiler: the `top` operators by self time (host, or device on
+    CUDA), per step, with their share of the profiled step time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            step()
+    wall = (time.perf_counter() - t0) / n
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    avgs = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in avgs) / n / 1e6  # s per step (self times add up to the step)
+    ops = [{"op": e.key, "self_ms": getattr(e, key) / n / 1e3, "share": getattr(e, key) / n / 1e6 / total,
+            "calls": e.count // n} for e in avgs[:top]]
+    return {"steps": n, "step_s": wall, "self_s": total, "top": ops, "by": key}
 
 
 def run_fresh(spec: dict, timeout: float = 3600, env: Optional[dict] = None) -> dict:

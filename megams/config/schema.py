@@ -33,6 +33,9 @@ class ModelConfig(_Strict):
     max_seq_len: int = Field(4096, gt=0, description="table size of learned positions; inference longer than this is refused")
     rotary_base: float = Field(10000.0, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    fused_qkv: bool = Field(True, description="self-attention projects q, k, v in one [3d, d] matmul of the three "
+                                              "weights (each rank's own head shard under tensor parallelism); "
+                                              "the parameters stay wq / wk / wv, so checkpoints are the same")
     tie_embeddings: bool = True
     init_std: float = Field(0.02, gt=0)
     norm_eps: float = Field(1e-5, gt=0)

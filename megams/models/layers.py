@@ -164,11 +164,13 @@ class Attention(nn.Module):
     """Multi-head attention; causal self-attention by default, or x attending to `context`
     under a boolean `mask` [Tq, Tk] (True = may attend). `rotary_base=None` disables rotary."""
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, rotary_base: Optional[float] = None):
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, rotary_base: Optional[float] = None,
+                 fused_qkv: bool = True):
         super().__init__()
         self.head_dim = d_model // n_heads
         self.dropout = dropout
         self.rotary_base = rotary_base
+        self.fused_qkv = fused_qkv
         self.wq = nn.Linear(d_model, d_model, bias=False)
         self.wk = nn.Linear(d_model, d_model, bias=False)
         self.wv = nn.Linear(d_model, d_model, bias=False)
@@ -180,9 +182,15 @@ class Attention(nn.Module):
         ctx = x if context is None else context
         B, T, _ = x.shape
         S = ctx.shape[1]
-        q = self.wq(x).view(B, T, -1, self.head_dim)
-        k = self.wk(ctx).view(B, S, -1, self.head_dim)
-        v = self.wv(ctx).view(B, S, -1, self.head_dim)
+        if context is None and self.fused_qkv and _fusable(self.wq, self.wk, self.wv):
+            # one [B*T, d] @ [d, 3d'] matmul; d' = this rank's heads under tensor parallelism, where each
+            # projection is a column layer whose input is already in the region (a plain F.linear)
+            w = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])
+            q, k, v = F.linear(x, w).view(B, T, 3, -1, self.head_dim).unbind(2)
+        else:
+            q = self.wq(x).view(B, T, -1, self.head_dim)
+            k = self.wk(ctx).view(B, S, -1, self.head_dim)
+            v = self.wv(ctx).view(B, S, -1, self.head_dim)
         if self.rotary_base is not None:
             q = apply_rotary(q, q_pos, self.rotary_base)  # None: 0..T-1, cached tables
             k = apply_rotary(k, k_pos, self.rotary_base)
@@ -195,9 +203,22 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
+def _fusable(*projections: nn.Module) -> bool:
+    """q/k/v projections that are a bare `F.linear(x, weight)`: no bias, no communication of their own
+    (an nn.Linear, or a tensor-parallel column layer whose input is already in the region and whose
+    output stays split), and weights that are whole on this rank (not ZeRO-3 partitions, which
+    DeepSpeed gathers only when the projection's own forward runs)."""
+    for m in projections:
+        if m.bias is not None or getattr(m, "gather_output", False) or not getattr(m, "input_in_region", True):
+            return False
+        if hasattr(m.weight, "ds_id"):
+            return False
+    return True
+
+
 def make_attention(cfg: ModelConfig, rotary: bool = True) -> Attention:
     base = cfg.rotary_base if (rotary and cfg.positions == "rotary") else None
-    return Attention(cfg.d_model, cfg.n_heads, cfg.dropout, base)
+    return Attention(cfg.d_model, cfg.n_heads, cfg.dropout, base, cfg.fused_qkv)
 
 
 # --- MLP ----------------------------------------------------------------------------------------

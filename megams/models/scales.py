@@ -141,7 +141,7 @@ class Aggregation(nn.Module):
         if self.kind == "attention":
             self.scale_embed = nn.Parameter(torch.empty(n_scales, cfg.d_model))
             self.norm = make_norm(cfg)
-            self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.dropout, rotary_base=None)
+            self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.dropout, rotary_base=None, fused_qkv=cfg.fused_qkv)
 
     def forward(self, h0: torch.Tensor, upsampled: List[torch.Tensor]) -> torch.Tensor:
         if self.kind == "sum":

@@ -49,6 +49,38 @@ def test_attention_with_fewer_heads_is_a_tensor_parallel_shard():
     torch.testing.assert_close(parts[0] + parts[1], full(x), atol=1e-6, rtol=1e-5)
 
 
+def test_fused_qkv_is_the_three_projections():
+    """fused_qkv: one matmul of [wq; wk; wv] (the projections' own forwards are not called), equal in
+    output and in every weight's gradient to three separate projections; cross-attention (k, v from
+    another sequence) and projections that are not a bare F.linear (a bias, a ZeRO-3 partition)
+    take the separate path."""
+    torch.manual_seed(0)
+    fused, plain = Attention(32, 4, rotary_base=10000.0), Attention(32, 4, rotary_base=10000.0, fused_qkv=False)
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 9, 32)
+
+    def refuse(*_):
+        raise AssertionError("the fused path called a projection's own forward")
+
+    calls = [fused.wq.register_forward_pre_hook(refuse), fused.wk.register_forward_pre_hook(refuse)]
+    y = fused(x)
+    torch.testing.assert_close(y, plain(x), rtol=1e-6, atol=1e-6)
+    (y ** 2).sum().backward()
+    (plain(x) ** 2).sum().backward()
+    for name in ("wq", "wk", "wv", "wo"):
+        torch.testing.assert_close(getattr(fused, name).weight.grad, getattr(plain, name).weight.grad,
+                                   rtol=1e-5, atol=1e-6)
+    with pytest.raises(AssertionError, match="own forward"):  # cross-attention: separate projections
+        fused(x, torch.randn(2, 5, 32), causal=False)
+    for h in calls:
+        h.remove()
+    fused.wq.weight.ds_id = 7  # a ZeRO-3 partitioned weight: DeepSpeed gathers it in wq's forward only
+    seen = []
+    fused.wq.register_forward_pre_hook(lambda *_: seen.append(1))
+    fused(x)
+    assert seen == [1]
+
+
 def test_attention_is_causal_and_cross_attention_masks():
     torch.manual_seed(0)
     attn = Attention(16, 2)
