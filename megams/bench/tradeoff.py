@@ -73,10 +73,11 @@ def run(corpus: str, out_dir: str, d: int = 128, heads: int = 4, L: int = 8, seq
                 log(f"[tradeoff] {label} seed {seed}: kept from the earlier run in {out_dir}")
                 continue
             t0 = time.time()
-            spec = {"label": label, "model": {"vocab_size": 256, **m}, "data_path": corpus, "seq_len": seq_len,
+            arch, run_opts = split_run_options(m)
+            spec = {"label": label, "model": {"vocab_size": 256, **arch}, "data_path": corpus, "seq_len": seq_len,
                     "batch": batch, "steps": steps, "lr": lr, "eval_batches": eval_batches,
                     "eval_every": eval_every, "threads": threads, "precision": "fp32", "data_cache": data_cache,
-                    "device": device, "seed": seed}
+                    "device": device, "seed": seed, **run_opts}
             r = runner(spec)
             r["model_cfg"], r["seed"], r["wall_s"] = m, seed, time.time() - t0
             runs.setdefault(label, {})[seed] = r
@@ -102,6 +103,14 @@ def run(corpus: str, out_dir: str, d: int = 128, heads: int = 4, L: int = 8, seq
 
 
 DEFAULT_SEED = 1234  # megams.bench.runner's default
+RUN_OPTIONS = ("lr", "warmup", "weight_decay", "min_lr_ratio")  # a model's own optimiser setting (per depth)
+
+
+def split_run_options(m: dict):
+    """A models-file entry is ModelConfig fields plus, optionally, its own `lr` / `warmup` /
+    `weight_decay` / `min_lr_ratio` (they replace the study's for that model only)."""
+    return ({k: v for k, v in m.items() if k not in RUN_OPTIONS},
+            {k: v for k, v in m.items() if k in RUN_OPTIONS})
 MEANS = ("val_bpb", "val_ppl", "tokens_per_s")
 
 
@@ -207,5 +216,22 @@ def _save_partial(out_dir: str, setting: dict, runs: Dict[str, Dict[int, dict]],
 
 
 def load_models(path: str) -> Dict[str, dict]:
-    with open(path) as f:
-        return json.load(f)
+    """{label: ModelConfig fields (+ run options)}; each entry is validated here, so a typo names the
+    file, the model and the field before any model trains."""
+    from pydantic import ValidationError
+
+    from megams.config.schema import ModelConfig
+    try:
+        with open(path) as f:
+            models = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--models {path}: cannot read a JSON object of models: {e}")
+    if not isinstance(models, dict) or not models:
+        raise SystemExit(f"--models {path}: expected a JSON object {{label: model fields}}, got {type(models).__name__}")
+    for label, m in models.items():
+        arch, _ = split_run_options(m)
+        try:
+            ModelConfig(**{"vocab_size": 256, **arch})
+        except (ValidationError, TypeError) as e:
+            raise SystemExit(f"--models {path}: model {label!r}: {e}")
+    return models

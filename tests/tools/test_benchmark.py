@@ -56,10 +56,32 @@ def test_tradeoff_toy(tmp_path, corpus):
                        **{**kw, "models": {**few, "vanilla-2": models["vanilla-2"]}, "only": ["vanilla-2"]})
     assert calls[6:] == [1] and {r["label"]: r["seeds"] for r in res["rows"]} == {
         "vanilla-2": [1], "vanilla-1": [1, 2, 3], "bottom-up": [1, 2, 3]}
+    # a model's own learning rate reaches its run (and only its run)
+    seen = {}
+
+    def recording(spec):
+        seen[spec["label"]] = spec["lr"]
+        return run_spec(spec)
+    tradeoff.run(corpus, str(tmp_path / "lr"), runner=recording, **{**kw, "models": {
+        "vanilla-1": models["vanilla-1"], "bottom-up": {**models["bottom-up"], "lr": 3e-3}}})
+    assert seen == {"vanilla-1": 1e-3, "bottom-up": 3e-3}
     # the default model set is well-formed for the documented L
     from megams.config.schema import ModelConfig
     for m in tradeoff.default_models(128, 4, 8).values():
         ModelConfig(**m)
+
+
+def test_tradeoff_models_file_errors_name_model_and_field(tmp_path):
+    bad = tmp_path / "m.json"
+    bad.write_text(json.dumps({"vanilla-4": {"type": "vanilla", "n_layer": 4}}))
+    with pytest.raises(SystemExit, match=r"(?s)m.json: model 'vanilla-4'.*n_layer"):
+        tradeoff.load_models(str(bad))
+    bad.write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="expected a JSON object"):
+        tradeoff.load_models(str(bad))
+    good = tmp_path / "g.json"
+    good.write_text(json.dumps({"v": {"type": "vanilla", "n_layers": 1, "lr": 2e-3}}))
+    assert tradeoff.load_models(str(good))["v"]["lr"] == 2e-3
 
 
 def test_tradeoff_fresh_process(tmp_path, corpus):
