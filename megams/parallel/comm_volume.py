@@ -10,7 +10,9 @@ the plans of `megams.parallel.tensor_parallel` (R = rows, each a [d] vector, of 
     enter   bwd all-reduce R                 | fwd all-gather R, bwd reduce-scatter R
     leave   fwd all-reduce R                 | fwd reduce-scatter R, bwd all-gather R
     block (L positions): attention enter + leave, MLP enter + leave, of B*L rows each;
-        SP adds one all-reduce of [d] per norm parameter (gradients summed over the tensor ranks)
+        SP adds one all-reduce of its norms' parameters, flat in one bucket (their gradients summed
+        over the tensor ranks; likewise one per upsampling, aggregation and the final norm; under
+        ZeRO-3 it is one per parameter, which this does not model)
     embedding  fwd all-reduce B*n            | fwd reduce-scatter B*n, bwd all-gather B*n
     head       bwd all-reduce B*T            | enter B*n (gathers the padded sequence)
     loss       all-reduce B*T floats (max) and 2*B*T floats (sum), always fp32
@@ -47,9 +49,9 @@ def predict_tp_comm(cfg, batch: int, seq_len: int, tp: int, sequence_parallel: b
 
     leave = enter  # the same collectives, forward and backward swapped
 
-    def sp_params(*numels):  # gradient all-reduce of replicated parameters used on sequence shards
-        for k in numels:
-            rec("all_reduce", 1, k)
+    def sp_params(*numels):  # replicated parameters used on sequence shards: one bucket per module call
+        if numels:
+            rec("all_reduce", 1, sum(numels))
 
     norm = (d, d) if cfg.norm == "layernorm" else (d,)
 
@@ -83,8 +85,9 @@ def predict_tp_comm(cfg, batch: int, seq_len: int, tp: int, sequence_parallel: b
 
     def upsample(m, k, merge=False):
         L = m * k
-        if sp and merge and cfg.scale_merge != "none" and cfg.upsampling != "linear":  # scales.Merge on shards
-            sp_params(*(norm if cfg.scale_merge == "norm" else (d,)))
+        if sp and cfg.upsampling != "linear":  # one bucket: scales.Merge on shards, attention's norms
+            sp_params(*(norm if merge and cfg.scale_merge == "norm" else (d,) if merge and cfg.scale_merge == "gate"
+                        else ()), *(norm + norm if cfg.upsampling == "attention" else ()))
         if cfg.upsampling == "linear":
             if sp:
                 rec("all_gather", B * m)  # gather the coarse sequence
@@ -93,8 +96,6 @@ def predict_tp_comm(cfg, batch: int, seq_len: int, tp: int, sequence_parallel: b
             rec("all_reduce", B * m)      # bwd: input gradient
         elif cfg.upsampling == "attention":
             attention(B * L, B * m, sp)
-            if sp:
-                sp_params(*norm, *norm)
 
     def aggregation(n_scales):
         if cfg.aggregation == "attention":

@@ -67,7 +67,8 @@ def apply_tp(model: LanguageModel, dims: ParallelDims, cfg) -> Tuple[LanguageMod
     [B, T, V_padded/tp]) and `loss_fn(logits, targets)`: the mean next-token cross-entropy.
     """
     dims.check_model(cfg.model)
-    plan = _Plan(dims, sequence_parallel=bool(cfg.parallel.sequence_parallel) and dims.tp_size > 1)
+    plan = _Plan(dims, sequence_parallel=bool(cfg.parallel.sequence_parallel) and dims.tp_size > 1,
+                 zero3=cfg.parallel.zero_stage == 3)
     for module in list(model.modules()):
         for kind, apply in ((Block, plan.block), (Shorten, plan.shorten), (Upsample, plan.upsample),
                             (Aggregation, plan.aggregation)):
@@ -94,8 +95,8 @@ def _wrap_forward(module: nn.Module, around: Callable, *args) -> None:
 
 
 class _Plan:
-    def __init__(self, dims: ParallelDims, sequence_parallel: bool):
-        self.dims, self.group, self.sp = dims, dims.tp_group, sequence_parallel
+    def __init__(self, dims: ParallelDims, sequence_parallel: bool, zero3: bool = False):
+        self.dims, self.group, self.sp, self.zero3 = dims, dims.tp_group, sequence_parallel, zero3
 
     # leaves -------------------------------------------------------------------------------------
     def column(self, linear: nn.Linear, **kw) -> ColumnParallelLinear:
@@ -104,15 +105,26 @@ class _Plan:
     def row(self, linear: nn.Linear, **kw) -> RowParallelLinear:
         return RowParallelLinear.from_full(linear, self.dims, **kw)
 
-    def sum_grads_over_tp(self, *params: Optional[nn.Parameter]) -> None:
-        """A replicated parameter used in the SP region gets a partial gradient on every rank."""
+    def sum_grads_over_tp(self, module: nn.Module, *owners: nn.Module, own: Tuple[str, ...] = ()) -> None:
+        """Replicated parameters used in the SP region (every parameter of `owners`, submodules of
+        `module`, and `module`'s own parameters named in `own`) get a partial gradient on every rank:
+        summed over the tensor ranks in ONE flat all-reduce per `module` call (`_sp_bucket_forward`),
+        not one per parameter. Under ZeRO-3 (parameters partitioned, gathered by DeepSpeed's own
+        hooks) a hook per parameter does it."""
+        where = {id(m): k for k, m in module.named_modules()}
+        names = list(own) + [f"{where[id(o)]}.{n}" if where[id(o)] else n
+                             for o in owners for n, _ in o.named_parameters()]
+        names = [n for n in names if not getattr(module.get_parameter(n), "sequence_parallel", False)]
+        params = [module.get_parameter(n) for n in names]
         for p in params:
-            if p is not None and not getattr(p, "sequence_parallel", False):
-                p.sequence_parallel = True
+            p.sequence_parallel = True  # Megatron's mark; also: summed once even if planned twice
+        if not params:
+            return
+        if self.zero3:
+            for p in params:
                 p.register_hook(functools.partial(all_reduce, group=self.group))
-
-    def sp_norm(self, norm: nn.Module) -> None:
-        self.sum_grads_over_tp(*norm.parameters())
+            return
+        _wrap_forward(module, _sp_bucket_forward, self.group, tuple(names))
 
     # attention and MLP: one entry into the tensor-parallel region, one exit ---------------------
     def heads(self, attn: nn.Module, sp: bool, seq_dim: int = SEQ_DIM) -> None:
@@ -134,8 +146,7 @@ class _Plan:
         self.heads(block.attn, self.sp)
         self.mlp(block.mlp, self.sp)
         if self.sp:
-            self.sp_norm(block.norm1)
-            self.sp_norm(block.norm2)
+            self.sum_grads_over_tp(block, block.norm1, block.norm2)
             _wrap_forward(block.drop, _split_dropout)
 
     def shorten(self, shorten: Shorten) -> None:
@@ -156,19 +167,19 @@ class _Plan:
         elif up.kind == "attention":
             self.heads(up.attn, self.sp)
             if self.sp:
-                self.sp_norm(up.norm_q)
-                self.sp_norm(up.norm_kv)
                 _wrap_forward(up, _sp_attention_upsample, self.dims.tp_size)
         # repeat: coarse position j -> fine j*k..j*k+k-1 keeps the sequence split aligned: local
-        if self.sp and up.merge is not None and up.kind != "linear":  # linear: whole sequence, replicated
-            self.sum_grads_over_tp(*up.merge.parameters())  # per coarse position on this rank's shard
+        if self.sp:  # linear: whole sequence, replicated, so its merge needs no sum
+            owners = [up.norm_q, up.norm_kv] if up.kind == "attention" else []
+            if up.merge is not None and up.kind != "linear":  # per coarse position on this rank's shard
+                owners.append(up.merge)
+            self.sum_grads_over_tp(up, *owners)
 
     def aggregation(self, agg: Aggregation) -> None:
         if agg.kind == "attention":  # each position attends over its own scale vectors: rows split
             self.heads(agg.attn, self.sp, seq_dim=0)
             if self.sp:
-                self.sp_norm(agg.norm)
-                self.sum_grads_over_tp(agg.scale_embed)
+                self.sum_grads_over_tp(agg, agg.norm, own=("scale_embed",))
 
     def language_model(self, model: LanguageModel) -> None:
         cfg, dims = model.cfg, self.dims
@@ -183,7 +194,7 @@ class _Plan:
         else:
             model.head = self.column(model.head, padded_out_features=vocab, sequence_parallel=self.sp)
         if self.sp:
-            self.sp_norm(model.norm_f)
+            self.sum_grads_over_tp(model.norm_f, model.norm_f)
             _wrap_forward(model.drop, _split_dropout)
             _wrap_forward(model, _sp_language_model_forward, self)
             model.forward_hidden = functools.partial(_sp_forward_hidden, model, self)
@@ -205,6 +216,52 @@ def _region_forward(module, group, sp: bool, seq_dim: int, plain, x, *args, **kw
     else:
         y = plain(x, *args, **kwargs)
     return reduce_scatter_to_sp(y, group, seq_dim) if sp else reduce_from_tp(y, group)
+
+
+class _SumGradsOverTP(torch.autograd.Function):
+    """Identity on parameters forward; backward sums their gradients over the tensor ranks in one
+    flat all-reduce (per dtype). Autograd runs it once every output's gradient is complete, i.e.
+    after the last use of the parameters in the module's backward, and before their AccumulateGrad
+    (so ZeRO / DDP gradient hooks see the summed gradient, as with a hook per parameter)."""
+
+    @staticmethod
+    def forward(ctx, group, *params):
+        ctx.group = group
+        return tuple(p.view_as(p) for p in params)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        out = list(grads)
+        by_dtype: Dict[torch.dtype, list] = {}
+        for i, g in enumerate(grads):
+            if g is not None:
+                by_dtype.setdefault(g.dtype, []).append(i)
+        for idx in by_dtype.values():
+            parts = [grads[i] for i in idx]
+            flat = all_reduce(torch._utils._flatten_dense_tensors(parts), ctx.group)
+            for i, g in zip(idx, torch._utils._unflatten_dense_tensors(flat, parts)):
+                out[i] = g
+        return (None, *out)
+
+
+def _sp_bucket_forward(module: nn.Module, group, names: Tuple[str, ...], plain, *args, **kwargs):
+    """Run `module` with its parameters `names` replaced, for this call, by identity views whose
+    gradients are summed over the tensor ranks in one bucket (`_SumGradsOverTP`)."""
+    if not torch.is_grad_enabled():
+        return plain(*args, **kwargs)
+    owners = []
+    for n in names:
+        path, _, attr = n.rpartition(".")
+        owners.append((module.get_submodule(path) if path else module, attr))
+    params = [o._parameters[a] for o, a in owners]
+    views = _SumGradsOverTP.apply(group, *params)
+    try:
+        for (o, a), v in zip(owners, views):
+            o._parameters[a] = v  # read as `o.a` by the module's own code; restored below
+        return plain(*args, **kwargs)
+    finally:
+        for (o, a), p in zip(owners, params):
+            o._parameters[a] = p
 
 
 def _split_dropout(module: nn.Dropout, plain, x):
