@@ -25,7 +25,8 @@ aggregation need no communication; attention aggregation gathers its rows (dim 0
 [B*T, scales, d] view). Shorten and linear upsampling mix positions across the split, so they
 gather their input, run tensor-parallel on the whole sequence, and keep their part of the output.
 Replicated parameters used in the SP region (norms, scale embeddings) see only this rank's
-positions: a gradient hook sums their gradients over the tensor ranks. The input is padded on the
+positions: their gradients are summed over the tensor ranks, in one flat all-reduce per module call
+(`_Plan.sum_grads_over_tp`; a hook per parameter under ZeRO-3). The input is padded on the
 right to a multiple of K_S * tp (exact by causality) so every scale splits evenly.
 
 Dropout: replicated activations draw from the default generator (the same on the tensor ranks of
