@@ -187,6 +187,10 @@ class Attention(nn.Module):
             # projection is a column layer whose input is already in the region (a plain F.linear)
             w = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])
             q, k, v = F.linear(x, w).view(B, T, 3, -1, self.head_dim).unbind(2)
+            if self.rotary_base is not None:
+                # rotary makes new q and k: a v that is a view would keep the whole [B, T, 3d'] output
+                # alive for backward (2d' more saved floats per position than three projections)
+                v = v.contiguous()
         else:
             q = self.wq(x).view(B, T, -1, self.head_dim)
             k = self.wk(ctx).view(B, S, -1, self.head_dim)

@@ -70,6 +70,25 @@ def test_fused_qkv_is_the_three_projections():
     for name in ("wq", "wk", "wv", "wo"):
         torch.testing.assert_close(getattr(fused, name).weight.grad, getattr(plain, name).weight.grad,
                                    rtol=1e-5, atol=1e-6)
+    # and it saves no more per sequence for backward (storages counted once, the batch-2 minus batch-1
+    # difference as in megams.bench.runner, so the concatenated weight cancels): a v that is a view
+    # would keep q and k's columns of the fused output alive once rotary has made new q and k
+    def saved_per_seq(att):
+        def saved(batch):
+            storages = {}
+
+            def pack(t):
+                if not isinstance(t, torch.nn.Parameter):
+                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                return t
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                y = att(torch.randn(batch, 16, 32, requires_grad=True))
+            del y
+            return sum(storages.values())
+        return saved(2) - saved(1)
+    for rotary in (10000.0, None):
+        sizes = [saved_per_seq(Attention(32, 4, rotary_base=rotary, fused_qkv=f)) for f in (False, True)]
+        assert sizes[0] == sizes[1] > 0, (rotary, sizes)
     with pytest.raises(AssertionError, match="own forward"):  # cross-attention: separate projections
         fused(x, torch.randn(2, 5, 32), causal=False)
     for h in calls:
