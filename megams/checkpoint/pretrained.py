@@ -111,7 +111,11 @@ def load_state(model: torch.nn.Module, tensors: Dict[str, torch.Tensor], where: 
         def some(names):
             return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
         parts = ([f"missing {some(missing)}"] if missing else []) + ([f"unexpected {some(unexpected)}"] if unexpected else [])
-        raise CheckpointError(f"{where}: weights do not match the model of config.json ({'; '.join(parts)})")
+        hint = ""
+        if missing and all(".merge." in n for n in missing):
+            hint = (" -- weights saved before model.scale_merge existed (or with scale_merge: none): set "
+                    "\"scale_merge\": \"none\" in its config.json to load them as they were trained")
+        raise CheckpointError(f"{where}: weights do not match the model of config.json ({'; '.join(parts)}){hint}")
     for n, t in own.items():
         if tuple(tensors[n].shape) != tuple(t.shape):
             raise CheckpointError(f"{where}: {n} has shape {list(tensors[n].shape)}, the model expects {list(t.shape)}")

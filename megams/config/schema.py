@@ -58,8 +58,9 @@ class ModelConfig(_Strict):
     scale_merge: Literal["auto", "norm", "gate", "none"] = Field(
         "auto", description="how a coarse stream is added to a finer one (top-down e_s + merge(upsample(g)), "
                             "bottom-up sum aggregation): norm = a norm whose gain starts at init_std, gate = a "
-                            "zero-initialised per-channel gate, none = the raw sum; auto (default) = norm for "
-                            "top-down, none for bottom-up, as measured in docs/RESULTS.md §1 (issue 14)")
+                            "zero-initialised per-channel gate, none = the raw sum; auto (default) = norm, as "
+                            "measured in docs/RESULTS.md §1 (issue 14): without it top-down does not learn and "
+                            "bottom-up's sum aggregation diverges at its best learning rate")
 
     # retina
     retina_factors: List[int] = Field(default_factory=lambda: [4, 16], description="K_1..K_S pool sizes (absolute, increasing)")
@@ -106,7 +107,7 @@ class ModelConfig(_Strict):
                     f"layers_per_scale needs one count per scale (len(shorten_factors)+1 = "
                     f"{len(self.shorten_factors) + 1}), got {self.layers_per_scale}")
         if self.scale_merge == "auto":  # resolved once, so every consumer (model, cost, checkpoints) sees it
-            object.__setattr__(self, "scale_merge", "none" if self.type == "bottom_up" else "norm")
+            object.__setattr__(self, "scale_merge", "norm")
         if self.type == "retina":
             f = self.retina_factors
             if len(self.retina_windows) != len(f) + 1:

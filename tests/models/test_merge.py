@@ -35,7 +35,8 @@ def test_every_merge_has_the_new_parameters_and_init(kind, model_type, combo):
 def test_no_merge_for_none_or_attention_aggregation():
     assert not _merges(build_model(tiny("top_down", scale_merge="none")))
     assert not _merges(build_model(tiny("bottom_up", aggregation="attention")))
-    assert _merges(build_model(tiny("top_down")))[0].kind == "norm"  # the default
+    assert _merges(build_model(tiny("top_down")))[0].kind == "norm"  # the default (auto)
+    assert _merges(build_model(tiny("bottom_up", aggregation="sum")))[0].kind == "norm"  # stable at its best lr
 
 
 def test_init_rule_is_layout_independent():
@@ -90,3 +91,16 @@ def test_causal_and_decoding_with_trained_merges(kind, model_type, combo):
     with torch.no_grad():
         _merges(model)[0].parameters().__next__().mul_(2.0)
         assert not torch.allclose(model(tokens)[:, 8:], full[:, 8:])
+
+
+def test_weights_from_before_the_merge_are_refused_with_the_fix():
+    """A bottom-up (sum) checkpoint saved without merges, loaded under today's default (norm): the
+    refusal names the missing merge parameters and how to load them as trained; with the fix it loads."""
+    from megams.checkpoint.pretrained import CheckpointError, load_state
+    old = build_model(tiny("bottom_up", aggregation="sum", scale_merge="none"), seed=0)
+    tensors = dict(old.state_dict())
+    with pytest.raises(CheckpointError, match=r"missing upsample\.0\.merge\.norm\.bias.*scale_merge.*none"):
+        load_state(build_model(tiny("bottom_up", aggregation="sum"), seed=1), tensors, "ckpt")
+    again = build_model(tiny("bottom_up", aggregation="sum", scale_merge="none"), seed=1)
+    load_state(again, tensors, "ckpt")
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), old.state_dict().values()))
