@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     t.add_argument("--seq-len", type=int, default=256)
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--steps", type=int, default=1000)
-    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--lr", type=float, default=1e-3,
+                   help="learning rate of models without their own (the default set and a --models entry may set \"lr\")")
     t.add_argument("--eval-batches", type=int, default=16)
     t.add_argument("--eval-every", type=int, default=250)
     t.add_argument("--only", nargs="*", default=None, help="run only models whose label contains one of these")

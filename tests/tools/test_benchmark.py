@@ -67,8 +67,11 @@ def test_tradeoff_toy(tmp_path, corpus):
     assert seen == {"vanilla-1": 1e-3, "bottom-up": 3e-3}
     # the default model set is well-formed for the documented L
     from megams.config.schema import ModelConfig
-    for m in tradeoff.default_models(128, 4, 8).values():
-        ModelConfig(**m)
+    defaults = tradeoff.default_models(128, 4, 8)
+    for m in defaults.values():
+        ModelConfig(**tradeoff.split_run_options(m)[0])
+    assert {m["type"] for m in defaults.values()} == {"vanilla", "bottom_up", "top_down", "retina"}
+    assert all("lr" in m for m in defaults.values())
 
 
 def test_tradeoff_models_file_errors_name_model_and_field(tmp_path):
