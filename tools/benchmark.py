@@ -123,7 +123,11 @@ def main(argv=None) -> int:
         return 2
     if a.study == "tradeoff":
         from megams.bench import tradeoff
-        models = tradeoff.load_models(a.models) if a.models else None
+        try:
+            models = tradeoff.load_models(a.models) if a.models else None
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         tradeoff.run(a.corpus, _out(a, "tradeoff"), d=a.d_model, heads=a.heads, L=a.layers, seq_len=a.seq_len,
                      batch=a.batch, steps=a.steps, lr=a.lr, eval_batches=a.eval_batches, eval_every=a.eval_every,
                      threads=a.threads, models=models, only=a.only, device=a.device,

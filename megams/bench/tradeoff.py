@@ -22,6 +22,16 @@ from megams.bench.runner import run_fresh
 LR = {"vanilla": 4e-3, "bottom_up": 4e-3, "top_down": 8e-3, "retina": 4e-3}  # RESULTS.md §1 (2M-token sweep)
 
 
+RUN_OPTIONS = ("lr", "warmup", "weight_decay", "min_lr_ratio")  # a model's own optimiser setting (per depth)
+
+
+def split_run_options(m: dict):
+    """A models-file entry is ModelConfig fields plus, optionally, its own `lr` / `warmup` /
+    `weight_decay` / `min_lr_ratio` (they replace the study's for that model only)."""
+    return ({k: v for k, v in m.items() if k not in RUN_OPTIONS},
+            {k: v for k, v in m.items() if k in RUN_OPTIONS})
+
+
 def default_models(d: int, heads: int, L: int) -> Dict[str, dict]:
     """The study's models at width d, each with its learning rate (`LR`): two vanilla baselines, the
     bottom-up at <= 0.80x vanilla-L/2's memory, top-down and retina (module docstring)."""
@@ -101,14 +111,6 @@ def run(corpus: str, out_dir: str, d: int = 128, heads: int = 4, L: int = 8, seq
 
 
 DEFAULT_SEED = 1234  # megams.bench.runner's default
-RUN_OPTIONS = ("lr", "warmup", "weight_decay", "min_lr_ratio")  # a model's own optimiser setting (per depth)
-
-
-def split_run_options(m: dict):
-    """A models-file entry is ModelConfig fields plus, optionally, its own `lr` / `warmup` /
-    `weight_decay` / `min_lr_ratio` (they replace the study's for that model only)."""
-    return ({k: v for k, v in m.items() if k not in RUN_OPTIONS},
-            {k: v for k, v in m.items() if k in RUN_OPTIONS})
 MEANS = ("val_bpb", "val_ppl", "tokens_per_s")
 
 
@@ -223,13 +225,13 @@ def load_models(path: str) -> Dict[str, dict]:
         with open(path) as f:
             models = json.load(f)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"--models {path}: cannot read a JSON object of models: {e}")
+        raise ValueError(f"--models {path}: cannot read a JSON object of models: {e}") from None
     if not isinstance(models, dict) or not models:
-        raise SystemExit(f"--models {path}: expected a JSON object {{label: model fields}}, got {type(models).__name__}")
+        raise ValueError(f"--models {path}: expected a JSON object {{label: model fields}}, got {type(models).__name__}")
     for label, m in models.items():
         arch, _ = split_run_options(m)
         try:
             ModelConfig(**{"vocab_size": 256, **arch})
         except (ValidationError, TypeError) as e:
-            raise SystemExit(f"--models {path}: model {label!r}: {e}")
+            raise ValueError(f"--models {path}: model {label!r}: {e}") from None
     return models

@@ -44,26 +44,24 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> tuple
     return angles.cos(), angles.sin()
 
 
-_ROTARY_TABLES: dict = {}  # (length, head_dim, base, device[, "full"]) -> fp32 tables (see rotary_tables)
+_ROTARY_TABLES: dict = {}  # (length, head_dim, base, device) -> full-width fp32 tables (see rotary_tables)
 
 
-def rotary_tables(length: int, head_dim: int, base: float, device, full: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """`rotary_cos_sin(torch.arange(length), head_dim, base)`, cached: the same tensors (the same
-    values, bit for bit) for every layer and step. `full`: the full-width tables `_rotate` uses,
-    [cos, cos] and [-sin, sin] of shape [length, head_dim]. Under torch.compile (the graph computes
-    them) and inference_mode (tensors that could not be saved for a later backward) they are not
-    cached."""
+def rotary_tables(length: int, head_dim: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full-width tables `_rotate` uses for positions 0..length-1: [cos, cos] and [-sin, sin] of
+    `rotary_cos_sin(torch.arange(length), head_dim, base)`, shape [length, head_dim], cached: the same
+    tensors (the same values, bit for bit) for every layer and step. Under torch.compile (the graph
+    computes them) and inference_mode (tensors that could not be saved for a later backward) they
+    are not cached."""
     if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
-        cs = rotary_cos_sin(torch.arange(length, device=device), head_dim, base)
-        return _full_width(*cs) if full else cs
-    key = (int(length), int(head_dim), float(base), torch.device(device)) + (("full",) if full else ())
+        return _full_width(*rotary_cos_sin(torch.arange(length, device=device), head_dim, base))
+    key = (int(length), int(head_dim), float(base), torch.device(device))
     hit = _ROTARY_TABLES.get(key)
     if hit is None:
         if len(_ROTARY_TABLES) >= 64:
             _ROTARY_TABLES.clear()
         with torch.no_grad():
-            hit = rotary_cos_sin(torch.arange(length, device=device), head_dim, base)
-            hit = _ROTARY_TABLES[key] = _full_width(*hit) if full else hit
+            hit = _ROTARY_TABLES[key] = _full_width(*rotary_cos_sin(torch.arange(length, device=device), head_dim, base))
     return hit
 
 
@@ -76,7 +74,7 @@ def apply_rotary(x: torch.Tensor, positions: Optional[torch.Tensor], base: float
     k together as [B, T, 2, H, E]) by its positions [T] (half-split / GPT-NeoX layout), in fp32.
     `positions=None`: 0..T-1 (cached tables, `rotary_tables`)."""
     if positions is None:
-        cos, sin = rotary_tables(x.shape[1], x.shape[-1], base, x.device, full=True)
+        cos, sin = rotary_tables(x.shape[1], x.shape[-1], base, x.device)
     else:
         cos, sin = _full_width(*rotary_cos_sin(positions, x.shape[-1], base))
     return _rotate(x, cos, sin)
@@ -194,30 +192,25 @@ class Attention(nn.Module):
         ctx = x if context is None else context
         B, T, _ = x.shape
         S = ctx.shape[1]
+        rotate = self.rotary_base is not None
         if context is None and self.fused_qkv and _fusable(self.wq, self.wk, self.wv):
             # one [B*T, d] @ [d, 3d'] matmul; d' = this rank's heads under tensor parallelism, where each
             # projection is a column layer whose input is already in the region (a plain F.linear)
             w = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])
             qkv = F.linear(x, w).view(B, T, 3, -1, self.head_dim)
-            if self.rotary_base is not None and q_pos is None and k_pos is None:
-                # q and k rotated together (one set of ops); that makes new q and k, so v gets its own
-                # storage: a view would keep the whole [B, T, 3d'] output alive for backward
-                q, k = apply_rotary(qkv[:, :, :2], None, self.rotary_base).unbind(2)
-                v = qkv[:, :, 2].contiguous()
-                return self._attend(q, k, v, B, T, causal, mask)
             q, k, v = qkv.unbind(2)
-            if self.rotary_base is not None:
+            if rotate:  # rotary makes new q and k: a v that is a view would keep all of qkv alive for backward
                 v = v.contiguous()
+                if q_pos is None and k_pos is None:  # q and k rotated together, one set of ops
+                    q, k = apply_rotary(qkv[:, :, :2], None, self.rotary_base).unbind(2)
+                    rotate = False
         else:
             q = self.wq(x).view(B, T, -1, self.head_dim)
             k = self.wk(ctx).view(B, S, -1, self.head_dim)
             v = self.wv(ctx).view(B, S, -1, self.head_dim)
-        if self.rotary_base is not None:
+        if rotate:
             q = apply_rotary(q, q_pos, self.rotary_base)  # None: 0..T-1, cached tables
             k = apply_rotary(k, k_pos, self.rotary_base)
-        return self._attend(q, k, v, B, T, causal, mask)
-
-    def _attend(self, q, k, v, B: int, T: int, causal: bool, mask: Optional[torch.Tensor]) -> torch.Tensor:
         dropout_p = self.dropout if self.training else 0.0
         if mask is not None:  # a dense boolean mask: flex_attention's block mask where it is available
             y = masked_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, dropout_p)

@@ -86,8 +86,8 @@ def predict_tp_comm(cfg, batch: int, seq_len: int, tp: int, sequence_parallel: b
     def upsample(m, k, merge=False):
         L = m * k
         if sp and cfg.upsampling != "linear":  # one bucket: scales.Merge on shards, attention's norms
-            sp_params(*(norm if merge and cfg.scale_merge == "norm" else (d,) if merge and cfg.scale_merge == "gate"
-                        else ()), *(norm + norm if cfg.upsampling == "attention" else ()))
+            merge_params = {"norm": norm, "gate": (d,)}.get(cfg.scale_merge, ()) if merge else ()
+            sp_params(*merge_params, *(norm + norm if cfg.upsampling == "attention" else ()))
         if cfg.upsampling == "linear":
             if sp:
                 rec("all_gather", B * m)  # gather the coarse sequence

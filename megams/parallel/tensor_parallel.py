@@ -115,12 +115,13 @@ class _Plan:
         where = {id(m): k for k, m in module.named_modules()}
         names = list(own) + [f"{where[id(o)]}.{n}" if where[id(o)] else n
                              for o in owners for n, _ in o.named_parameters()]
-        names = [n for n in names if not getattr(module.get_parameter(n), "sequence_parallel", False)]
-        params = [module.get_parameter(n) for n in names]
-        for p in params:
-            p.sequence_parallel = True  # Megatron's mark; also: summed once even if planned twice
-        if not params:
+        named = [(n, module.get_parameter(n)) for n in names]
+        named = [(n, p) for n, p in named if not getattr(p, "sequence_parallel", False)]  # summed once
+        if not named:
             return
+        names, params = (list(t) for t in zip(*named))
+        for p in params:
+            p.sequence_parallel = True  # Megatron's mark
         if self.zero3:
             for p in params:
                 p.register_hook(functools.partial(all_reduce, group=self.group))

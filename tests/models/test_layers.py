@@ -22,8 +22,8 @@ def test_rotary_tables_are_cached_and_exact():
     """Default positions (0..T-1) reuse one cached cos/sin table per (length, head_dim, base, device),
     bit for bit what rotary_cos_sin computes; explicit positions give the same rotation."""
     cos, sin = rotary_tables(16, 8, 10000.0, "cpu")
-    ref = rotary_cos_sin(torch.arange(16), 8, 10000.0)
-    assert torch.equal(cos, ref[0]) and torch.equal(sin, ref[1])
+    ref = rotary_cos_sin(torch.arange(16), 8, 10000.0)  # [16, 4]; the tables are full width, [16, 8]
+    assert torch.equal(cos, torch.cat([ref[0], ref[0]], -1)) and torch.equal(sin, torch.cat([-ref[1], ref[1]], -1))
     again = rotary_tables(16, 8, 10000.0, torch.device("cpu"))
     assert again[0] is cos and again[1] is sin
     assert rotary_tables(16, 8, 500.0, "cpu")[0] is not cos

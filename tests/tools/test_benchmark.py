@@ -74,17 +74,43 @@ def test_tradeoff_toy(tmp_path, corpus):
     assert all("lr" in m for m in defaults.values())
 
 
-def test_tradeoff_models_file_errors_name_model_and_field(tmp_path):
+def test_tradeoff_models_file_errors_name_model_and_field(tmp_path, capsys):
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                    "tools"))
+    import benchmark
     bad = tmp_path / "m.json"
     bad.write_text(json.dumps({"vanilla-4": {"type": "vanilla", "n_layer": 4}}))
-    with pytest.raises(SystemExit, match=r"(?s)m.json: model 'vanilla-4'.*n_layer"):
+    with pytest.raises(ValueError, match=r"(?s)m.json: model 'vanilla-4'.*n_layer"):
         tradeoff.load_models(str(bad))
+    # the CLI: one line naming the file, the model and the field, exit 2, before any model trains
+    assert benchmark.main(["tradeoff", "--models", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --models {bad}: model 'vanilla-4'") and "n_layer" in err
+    assert not (tmp_path / "o").exists()
     bad.write_text("[1, 2]")
-    with pytest.raises(SystemExit, match="expected a JSON object"):
+    with pytest.raises(ValueError, match="expected a JSON object"):
         tradeoff.load_models(str(bad))
     good = tmp_path / "g.json"
     good.write_text(json.dumps({"v": {"type": "vanilla", "n_layers": 1, "lr": 2e-3}}))
     assert tradeoff.load_models(str(good))["v"]["lr"] == 2e-3
+
+
+def test_profile_toy(tmp_path):
+    """The profile study: each model with the option off then on, the top ops of profiled steps."""
+    from megams.bench import profile
+    res = profile.run(str(tmp_path), size="d128", seq_len=32, batch=2, steps=3, profile_steps=1, top=5, threads=1,
+                      runner=run_spec, log=quiet)
+    assert [(r["model"], r["on"]) for r in res["rows"]] == [
+        ("vanilla", False), ("vanilla", True), ("bottom_up", False), ("bottom_up", True)]
+    for r in res["rows"]:
+        ops = r["profile"]["top"]
+        assert len(ops) == 5 and ops[0]["self_ms"] >= ops[-1]["self_ms"] > 0
+        assert any(o["op"] == "aten::mm" for o in ops)
+    mm = {r["on"]: next(o["calls"] for o in r["profile"]["top"] if o["op"] == "aten::mm")
+          for r in res["rows"] if r["model"] == "vanilla"}
+    assert mm[True] < mm[False]  # fused QKV: one projection matmul per attention instead of three
+    assert (tmp_path / "profile.md").exists()
 
 
 def test_tradeoff_fresh_process(tmp_path, corpus):
