@@ -4,7 +4,7 @@ raw JSON, the table and (most) a PNG plot into --out (default bench_out/<study>/
 
     python tools/benchmark.py tradeoff   [--corpus FILE] [--steps 1000] [--d-model 128] [--layers 8] ...
     python tools/benchmark.py throughput [--batch 4] [--steps 6] [--quick]
-    python tools/benchmark.py peers      [--corpus FILE] [--steps 30] [--repeats 3]
+    python tools/benchmark.py peers      [--corpus FILE] [--steps 30] [--repeats 3] [--profile-steps 4]
     python tools/benchmark.py scaling    [--config configs/tiny/vanilla.yaml] [--steps 8] [--layouts 2x1x1 ...]
     python tools/benchmark.py tiny       [--corpus FILE] [--steps 300]
     python tools/benchmark.py prefetch   [--config configs/tiny/bottom_up.yaml] [--steps 12] [--rounds 3]
@@ -57,6 +57,9 @@ def main(argv=None) -> int:
     t.add_argument("--models", default=None, help="JSON file {label: ModelConfig fields} replacing the default set")
     t.add_argument("--seeds", type=int, nargs="*", default=None,
                    help="one run per seed; rows report mean and std (default: one seed, 1234)")
+    t.add_argument("--tokenizer", default="byte",
+                   help="byte (default), bpe:N (a sentencepiece BPE of N pieces trained on the corpus' training "
+                        "head, cached) or a sentencepiece .model file; bits/byte compare across tokenizers")
 
     th = sub.add_parser("throughput", help="tokens/s, TFLOP/s and MFU vs the measured matmul peak")
     common(th, corpus=False)
@@ -79,6 +82,9 @@ def main(argv=None) -> int:
     pe.add_argument("--steps", type=int, default=30)
     pe.add_argument("--repeats", type=int, default=3,
                     help="fresh processes per model, models alternating between repeats (median, min-max)")
+    pe.add_argument("--profile-steps", type=int, default=4,
+                    help="one more fresh run per model with this many steps under torch.profiler: its matmul + "
+                         "attention share and the ceiling of megams / peer (0: off)")
 
     sc = sub.add_parser("scaling", help="tokens/s, memory per rank and comm share across dp/tp/pp layouts")
     common(sc, corpus=False)
@@ -125,13 +131,14 @@ def main(argv=None) -> int:
         from megams.bench import tradeoff
         try:
             models = tradeoff.load_models(a.models) if a.models else None
+            tradeoff.check_tokenizer(a.tokenizer)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         tradeoff.run(a.corpus, _out(a, "tradeoff"), d=a.d_model, heads=a.heads, L=a.layers, seq_len=a.seq_len,
                      batch=a.batch, steps=a.steps, lr=a.lr, eval_batches=a.eval_batches, eval_every=a.eval_every,
                      threads=a.threads, models=models, only=a.only, device=a.device,
-                     resume=a.resume, seeds=a.seeds)
+                     resume=a.resume, seeds=a.seeds, tokenizer=a.tokenizer)
     elif a.study == "throughput":
         from megams.bench import throughput
         grid = throughput.default_grid(sizes=("d256",), big=None, options_size=None) if a.quick else None
@@ -142,7 +149,7 @@ def main(argv=None) -> int:
     elif a.study == "peers":
         from megams.bench import peers
         peers.run(a.corpus, _out(a, "peers"), d=a.d_model, heads=a.heads, L=a.layers, seq_len=a.seq_len,
-                  batch=a.batch, steps=a.steps, threads=a.threads, repeats=a.repeats)
+                  batch=a.batch, steps=a.steps, threads=a.threads, repeats=a.repeats, profile_steps=a.profile_steps)
     elif a.study == "scaling":
         from megams.bench import scaling
         node = dict(scaling.NODE, link_GBps=a.link_gbps, latency_us=a.latency_us, gpu_tflops=a.gpu_tflops)

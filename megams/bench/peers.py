@@ -9,7 +9,13 @@ Every model is measured in `repeats` fresh processes, the models alternating bet
 (A B C D ... A B C D ...) so that machine noise hits all of them alike; the table gives per model the
 median tokens/s with its spread (min–max) and megams ÷ peer as the median of the per-repeat ratios
 (each repeat's megams run against the peer run next to it) with their spread. The JSON keeps every
-repeat. Peers come from tools/requirements-bench.txt (installed only for benchmarks)."""
+repeat. Peers come from tools/requirements-bench.txt (installed only for benchmarks).
+
+`profile_steps` > 0 adds one more fresh run per model under torch.profiler (not part of the timed
+repeats) and the row's ceiling: the peer's step ÷ megams' own matmul + attention kernel time
+(`kernel_ms`), i.e. megams ÷ peer if every other op of megams' step took no time at all. A target
+above the ceiling cannot be met by megams' code around the kernels, only by fewer or faster
+kernels."""
 from __future__ import annotations
 
 import importlib.util
@@ -80,6 +86,15 @@ def paired_ratios(ours: Sequence[float], theirs: Sequence[float]) -> dict:
     return {**spread(r), "values": r}
 
 
+KERNEL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")  # + any scaled_dot_product op
+
+
+def kernel_ms(profile: dict) -> float:
+    """Matmul + attention kernel self time per step (ms) in a runner profile (`profile_top` must reach
+    past them: the study asks for all ops)."""
+    return sum(o["self_ms"] for o in profile["top"] if o["op"] in KERNEL_OPS or "scaled_dot_product" in o["op"])
+
+
 def _fmt_spread(s: dict, fmt=report.fmt) -> str:
     return f"{fmt(s['median'])} ({fmt(s['min'])}–{fmt(s['max'])})"
 
@@ -91,7 +106,7 @@ def _fmt_ratio(s: dict) -> str:
 def run(corpus: str, out_dir: str, d: int = 256, heads: int = 4, L: int = 4, k: int = 4, seq_len: int = 256,
         batch: int = 8, steps: int = 30, threads: int = 2, repeats: int = 3, runner=run_fresh,
         data_cache: str = ".cache/megams-data", log=print, have: Optional[Dict[str, bool]] = None,
-        plot_png: bool = True) -> dict:
+        plot_png: bool = True, profile_steps: int = 0) -> dict:
     """Run the study; `have` overrides `available()` (tests with a fake runner)."""
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
@@ -120,6 +135,17 @@ def run(corpus: str, out_dir: str, d: int = 256, heads: int = 4, L: int = 4, k: 
                 runs.setdefault(spec["label"], []).append(r)
                 order.append(spec["label"])
                 log(f"[peers] repeat {rep + 1}/{repeats} {spec['label']}: {r['tokens_per_s']:.0f} tok/s")
+    profiles: Dict[str, dict] = {}
+    if profile_steps:
+        for label, impl, a_spec, b_spec in todo:
+            for spec in (a_spec, b_spec):
+                r = runner({**spec, "steps": max(6, min(steps, 12)), "measure_activations": False,
+                            "profile_steps": profile_steps, "profile_top": 1000})
+                p = r["profile"]
+                profiles[spec["label"]] = {"self_ms": p["self_s"] * 1e3, "kernel_ms": kernel_ms(p),
+                                           "top": p["top"][:12]}
+                log(f"[peers] profiled {spec['label']}: {p['self_s'] * 1e3:.1f} ms/step, matmul + attention "
+                    f"{profiles[spec['label']]['kernel_ms']:.1f} ms")
     rows = []
     for label, impl, a_spec, b_spec in todo:
         a_runs, b_runs = runs[a_spec["label"]], runs[b_spec["label"]]
@@ -137,6 +163,12 @@ def run(corpus: str, out_dir: str, d: int = 256, heads: int = 4, L: int = 4, k: 
                "peer_peak_rss_bytes": spread([r["peak_rss_bytes"] for r in b_runs]),
                "megams_runs": a_runs, "peer_runs": b_runs}
         row["rss_ratio"] = row["megams_peak_rss_bytes"]["median"] / row["peer_peak_rss_bytes"]["median"]
+        if profiles:
+            pa, pb = profiles[a_spec["label"]], profiles[b_spec["label"]]
+            row.update({"megams_profile": pa, "peer_profile": pb,
+                        "megams_kernel_share": pa["kernel_ms"] / pa["self_ms"],
+                        "peer_kernel_share": pb["kernel_ms"] / pb["self_ms"],
+                        "ceiling": pb["self_ms"] / pa["kernel_ms"]})
         rows.append(row)
         t = row["tok_ratio"]
         log(f"[peers] {label}: megams {row['megams_tokens_per_s']['median']:.0f} tok/s vs {impl} "
@@ -154,9 +186,14 @@ def run(corpus: str, out_dir: str, d: int = 256, heads: int = 4, L: int = 4, k: 
             ("peak RSS MiB megams", lambda r: r["megams_peak_rss_bytes"]["median"] / report.MiB),
             ("peak RSS MiB peer", lambda r: r["peer_peak_rss_bytes"]["median"] / report.MiB),
             ("RSS ratio", lambda r: f"{r['rss_ratio']:.2f}x")]
+    if profiles:
+        cols += [("matmul + attention share megams / peer",
+                  lambda r: f"{r['megams_kernel_share']:.0%} / {r['peer_kernel_share']:.0%}"),
+                 ("ceiling (peer step ÷ megams matmul + attention)", lambda r: f"{r['ceiling']:.2f}x")]
     text = report.table(rows, cols)
     setting = {"corpus": corpus, "d_model": d, "n_heads": heads, "L": L, "k": k, "seq_len": seq_len, "batch": batch,
                "steps": steps, "threads": threads, "precision": "fp32", "repeats": repeats,
+               "profile_steps": profile_steps,
                "order": "models alternate within each repeat, a fresh process per run", "run_order": order,
                "peer_settings": {impl: PEER_SETTINGS[impl] for _, impl, _, _ in todo}}
     payload = {"study": "peers", "machine": report.machine(), "setting": setting, "rows": rows,

@@ -29,6 +29,7 @@ DEFAULTS = {
     "model": {},              # megams: ModelConfig fields; gpt2/hourglass/litgpt: their shape (see _build_peer)
     "data_path": None,        # text file; None: random tokens (timing only)
     "data_cache": ".cache/megams-data",
+    "tokenizer": "byte",      # "byte" or a sentencepiece .model file (model.vocab_size must cover it)
     "seq_len": 256,
     "batch": 16,
     "steps": 100,
@@ -194,12 +195,14 @@ class _RandomTokens:
 
 
 class _Corpus:
-    """A text file, byte-tokenized and cut into windows by megams.data (train/valid = 90/10)."""
+    """A text file, tokenized (bytes or a sentencepiece model) and cut into windows by megams.data
+    (train/valid = 90/10 of the token stream, in file order)."""
 
-    def __init__(self, path: str, seq_len: int, seed: int, cache_dir: str):
+    def __init__(self, path: str, seq_len: int, seed: int, cache_dir: str, tokenizer: str = "byte"):
         from megams.config.schema import DataConfig
         from megams.data import build_data
-        cfg = DataConfig(path=path, split=[0.9, 0.1, 0.0], seq_len=seq_len, cache_dir=cache_dir, num_workers=1)
+        cfg = DataConfig(path=path, split=[0.9, 0.1, 0.0], seq_len=seq_len, cache_dir=cache_dir, num_workers=1,
+                         tokenizer=tokenizer)
         self.bundle = build_data(cfg, seq_len, seed, progress=False)
         self.seq_len = seq_len
 
@@ -258,7 +261,7 @@ def run_spec(spec: dict, log: Optional[Callable[[str], None]] = None) -> dict:
     dev = spec["device"]
     cuda = dev.startswith("cuda")
     model = model.to(dev)
-    data = (_Corpus(spec["data_path"], T, spec["seed"], spec["data_cache"]) if spec["data_path"]
+    data = (_Corpus(spec["data_path"], T, spec["seed"], spec["data_cache"], spec["tokenizer"]) if spec["data_path"]
             else _RandomTokens(vocab, T, spec["seed"]))
     bf16 = spec["precision"] == "bf16"
 

@@ -9,6 +9,11 @@ Shakespeare at 2M tokens, docs/RESULTS.md §1: deeper models are not the ones th
   top-down   2L layers: n_0 = L/4, n_1 = 3L/8, the rest at n/16, linear pooling, norm merge (lr 8e-3)
   retina     L/2 full-resolution layers, windows (16, 4, 4) over pools (4, 16) (lr 4e-3)
 Each model trains in a fresh process (its own peak RSS) on the same batches.
+
+Tokens: bytes (default), or `tokenizer="bpe:N"`: a sentencepiece BPE vocabulary of N pieces trained
+here on the head of the corpus that the validation split never reads (`study_tokenizer`), as the
+paper's book corpus used sub-words. Bits per byte divide by the validation text's real bytes, so
+rows with different tokenizers compare.
 """
 from __future__ import annotations
 
@@ -52,11 +57,55 @@ def default_models(d: int, heads: int, L: int) -> Dict[str, dict]:
     }
 
 
+BPE_TRAIN_FRACTION = 0.88  # of the corpus' characters: the validation split is the last 10% of the token stream
+
+
+def check_tokenizer(tokenizer: str) -> None:
+    """The study's `tokenizer` option is "byte", "bpe:N" (N > 260) or an existing .model file: ValueError
+    naming the option otherwise (before any model trains)."""
+    import os
+    if tokenizer == "byte" or os.path.isfile(tokenizer):
+        return
+    if tokenizer.startswith("bpe:") and tokenizer[4:].isdigit() and int(tokenizer[4:]) > 260:
+        return
+    raise ValueError(f"--tokenizer {tokenizer}: expected byte, bpe:N with N > 260 (256 byte-fallback pieces + "
+                     "unk + eos + merges) or a sentencepiece .model file")
+
+
+def study_tokenizer(corpus: str, tokenizer: str, cache_dir: str, log=print):
+    """(tokenizer for DataConfig, vocab size) from the study's `tokenizer` option: "byte"; "bpe:N" (a
+    BPE model of N pieces trained on the first `BPE_TRAIN_FRACTION` of `corpus`, cut at a line, cached
+    by the corpus' hash); or a sentencepiece .model file."""
+    import hashlib
+    import os
+
+    from megams.data.tokenizers import load_tokenizer, train_sentencepiece
+    check_tokenizer(tokenizer)
+    if tokenizer.startswith("bpe:"):
+        n = int(tokenizer[4:])
+        with open(corpus, encoding="utf-8") as f:
+            text = f.read()
+        head = text[:int(len(text) * BPE_TRAIN_FRACTION)]
+        head = head[:head.rfind("\n") + 1] or head
+        key = hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+        prefix = os.path.join(cache_dir, "tokenizers", f"{os.path.basename(corpus)}-{key}-bpe{n}")
+        if not os.path.exists(prefix + ".model"):
+            os.makedirs(os.path.dirname(prefix), exist_ok=True)
+            with open(prefix + ".train.txt", "w", encoding="utf-8") as f:
+                f.write(head)
+            log(f"[tradeoff] training a {n}-piece BPE on the first {len(head):,} characters of {corpus}")
+            train_sentencepiece([prefix + ".train.txt"], prefix, n, model_type="bpe")
+            os.remove(prefix + ".train.txt")
+        tokenizer = prefix + ".model"
+    tok = load_tokenizer(tokenizer)
+    return tokenizer, tok.vocab_size
+
+
 def run(corpus: str, out_dir: str, d: int = 128, heads: int = 4, L: int = 8, seq_len: int = 256, batch: int = 8,
         steps: int = 1000, lr: float = 1e-3, eval_batches: int = 16, eval_every: int = 250, threads: int = 2,
         runner=run_fresh, data_cache: str = ".cache/megams-data", device: str = "cpu",
         models: Optional[Dict[str, dict]] = None, only: Optional[List[str]] = None, resume: bool = False,
-        seeds: Optional[List[int]] = None, log=print) -> dict:
+        seeds: Optional[List[int]] = None, tokenizer: str = "byte", log=print) -> dict:
     """`resume`: keep the runs of an earlier run in `out_dir` with the same setting and model config
     (results are written after every run, so an interrupted or extended study continues); its
     models outside this set (`only`) stay in the result with the seeds they had.
@@ -67,9 +116,12 @@ def run(corpus: str, out_dir: str, d: int = 128, heads: int = 4, L: int = 8, seq
     if only:
         models = {k: v for k, v in models.items() if any(o in k for o in only)}
     seeds = list(seeds) if seeds else [DEFAULT_SEED]
+    tok_path, vocab = study_tokenizer(corpus, tokenizer, data_cache, log) if corpus else ("byte", 256)
     setting = {"corpus": corpus, "d_model": d, "n_heads": heads, "L": L, "seq_len": seq_len, "batch": batch,
                "steps": steps, "tokens": steps * batch * seq_len, "lr": lr, "precision": "fp32",
                "threads": threads, "eval_batches": eval_batches, "device": device}
+    if tokenizer != "byte":  # (byte studies keep the setting they always had, so --resume still finds them)
+        setting.update({"tokenizer": tokenizer, "vocab_size": vocab})
     earlier = _earlier_runs(out_dir, setting) if resume else {}
     runs: Dict[str, Dict[int, dict]] = {}
     t_all = time.time()
@@ -82,7 +134,8 @@ def run(corpus: str, out_dir: str, d: int = 128, heads: int = 4, L: int = 8, seq
                 continue
             t0 = time.time()
             arch, run_opts = split_run_options(m)
-            spec = {"label": label, "model": {"vocab_size": 256, **arch}, "data_path": corpus, "seq_len": seq_len,
+            spec = {"label": label, "model": {"vocab_size": vocab, **arch}, "data_path": corpus,
+                    "tokenizer": tok_path, "seq_len": seq_len,
                     "batch": batch, "steps": steps, "lr": lr, "eval_batches": eval_batches,
                     "eval_every": eval_every, "threads": threads, "precision": "fp32", "data_cache": data_cache,
                     "device": device, "seed": seed, **run_opts}
@@ -174,8 +227,9 @@ def plot(rows: List[dict], path: str, setting: dict) -> None:
         bpb = sorted(r["val_bpb"] for r in rows if r.get("val_bpb"))
         ax2.set_ylim(bpb[0] * 0.97, bpb[0] * 1.35)
     ax.set_xlabel("activation memory per sequence (MiB, saved for backward, fp32)")
-    ax.set_ylabel("validation perplexity (bytes)")
-    ax.set_title(f"equal tokens ({setting['tokens'] / 1e6:.1f}M), d={setting['d_model']}, T={setting['seq_len']}"
+    ax.set_ylabel(f"validation perplexity ({'bytes' if setting.get('tokenizer', 'byte') == 'byte' else 'BPE tokens'})")
+    ax.set_title(f"equal tokens ({setting['tokens'] / 1e6:.1f}M{', ' + setting['tokenizer'] if 'tokenizer' in setting else ''}),"
+                 f" d={setting['d_model']}, T={setting['seq_len']}"
                  f" (mean ± std over seeds)",
                  fontsize=9)
     ax.grid(alpha=0.3)

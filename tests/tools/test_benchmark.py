@@ -1,5 +1,6 @@
 """Smoke test: every benchmark study's code path at toy scale (no timing asserts)."""
 import json
+import math
 import os
 
 import pytest
@@ -96,6 +97,45 @@ def test_tradeoff_models_file_errors_name_model_and_field(tmp_path, capsys):
     assert tradeoff.load_models(str(good))["v"]["lr"] == 2e-3
 
 
+def test_tradeoff_bpe_tokens(tmp_path, capsys):
+    """--tokenizer bpe:N: a BPE trained on the corpus' head only (never the validation tail), cached,
+    its vocabulary reaching every model, bits per byte over the validation text's bytes."""
+    text = TEXT * 3
+    p = tmp_path / "c.txt"
+    p.write_text(text + "zqxj wvkf " * (len(text) // 90))  # a tail of ~10% that only validation reads
+    specs = []
+
+    def recording(spec):
+        specs.append(spec)
+        return run_spec(spec)
+    kw = dict(d=32, heads=2, L=2, seq_len=16, batch=2, steps=2, eval_batches=1, eval_every=0, threads=1,
+              models={"vanilla-1": {"type": "vanilla", "n_layers": 1, **TOY}},
+              data_cache=str(tmp_path / "cache"), log=quiet, runner=recording)
+    res = tradeoff.run(str(p), str(tmp_path / "o"), tokenizer="bpe:300", **kw)
+    from megams.data.tokenizers import load_tokenizer
+    tok = load_tokenizer(specs[0]["tokenizer"])
+    assert specs[0]["model"]["vocab_size"] == tok.vocab_size == 300
+    pieces = [tok.sp.id_to_piece(i) for i in range(tok.vocab_size)]
+    assert any("Citizen" in x or "speak" in x for x in pieces)  # merges learned from the head
+    assert not any("zq" in x or "vk" in x for x in pieces)      # nothing from the validation tail
+    row = res["rows"][0]
+    assert res["setting"]["tokenizer"] == "bpe:300" and 0 < row["val_bpb"] < 20
+    mtime = os.path.getmtime(specs[0]["tokenizer"])
+    tradeoff.run(str(p), str(tmp_path / "o2"), tokenizer="bpe:300", **kw)
+    assert specs[1]["tokenizer"] == specs[0]["tokenizer"] and os.path.getmtime(specs[0]["tokenizer"]) == mtime
+    plain = tmp_path / "plain.txt"  # ordinary text: ~1.37 bytes per token with 44 merges, bits/byte < bits/token
+    plain.write_text(text)
+    row = tradeoff.run(str(plain), str(tmp_path / "o3"), tokenizer="bpe:300", **kw)["rows"][0]
+    assert specs[2]["tokenizer"] != specs[0]["tokenizer"]
+    assert 0 < row["val_bpb"] < row["val_loss"] / math.log(2) / 1.2
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                    "tools"))
+    import benchmark
+    assert benchmark.main(["tradeoff", "--tokenizer", "bpe:lots", "--out", str(tmp_path / "e")]) == 2
+    assert capsys.readouterr().err.startswith("error: --tokenizer bpe:lots: expected byte, bpe:N")
+
+
 def test_profile_toy(tmp_path):
     """The profile study: each model with the option off then on, the top ops of profiled steps."""
     from megams.bench import profile
@@ -188,6 +228,33 @@ def test_peers_repeats_alternate_without_peers(tmp_path):
     assert "2.00x (1.60–3.00)" in text and "hourglass" in text and "litgpt" not in text
     saved = json.loads((tmp_path / "peers.json").read_text())
     assert len(saved["rows"][0]["peer_runs"]) == 3
+
+
+def test_peers_ceiling_from_the_profiled_kernels(tmp_path):
+    """profile_steps: one more profiled run per model, outside the timed repeats; the ceiling is the
+    peer's step over megams' matmul + attention kernels (other ops do not count as kernels)."""
+    def prof(ops):
+        return {"self_s": sum(ms for _, ms in ops) / 1e3, "top": [{"op": o, "self_ms": ms, "calls": 1, "share": 0}
+                                                                 for o, ms in ops]}
+    ops = {"megams": [("aten::mm", 60.0), ("aten::_scaled_dot_product_flash_attention_for_cpu", 20.0),
+                      ("aten::gelu", 20.0)],
+           "gpt2": [("aten::addmm", 70.0), ("aten::mm", 30.0), ("aten::copy_", 20.0)]}
+    calls = []
+
+    def fake(spec):
+        calls.append(spec)
+        r = {"tokens_per_s": 100.0, "params": 10, "act_bytes_per_seq": 4, "peak_rss_bytes": 1}
+        if spec.get("profile_steps"):
+            r["profile"] = prof(ops[spec["impl"]])
+        return r
+    res = peers.run("corpus.txt", str(tmp_path), d=32, heads=2, L=4, k=2, seq_len=32, batch=2, steps=30,
+                    repeats=2, runner=fake, log=quiet, have={"gpt2": True}, plot_png=False, profile_steps=3)
+    assert [bool(c.get("profile_steps")) for c in calls] == [False] * 4 + [True] * 2
+    assert calls[-1]["profile_top"] >= 100 and calls[-1]["measure_activations"] is False
+    row = res["rows"][0]
+    assert row["megams_kernel_share"] == pytest.approx(0.8) and row["peer_kernel_share"] == pytest.approx(100 / 120)
+    assert row["ceiling"] == pytest.approx(120 / 80)
+    assert "1.50x" in (tmp_path / "peers.md").read_text()
 
 
 def test_scaling_partition_only(tmp_path):
