@@ -85,6 +85,7 @@ def main(argv=None) -> int:
     pe.add_argument("--profile-steps", type=int, default=4,
                     help="one more fresh run per model with this many steps under torch.profiler: its matmul + "
                          "attention share and the ceiling of megams / peer (0: off)")
+    pe.add_argument("--device", default="cpu", help="cpu | cuda (both sides on the GPU)")
 
     sc = sub.add_parser("scaling", help="tokens/s, memory per rank and comm share across dp/tp/pp layouts")
     common(sc, corpus=False)
@@ -149,7 +150,8 @@ def main(argv=None) -> int:
     elif a.study == "peers":
         from megams.bench import peers
         peers.run(a.corpus, _out(a, "peers"), d=a.d_model, heads=a.heads, L=a.layers, seq_len=a.seq_len,
-                  batch=a.batch, steps=a.steps, threads=a.threads, repeats=a.repeats, profile_steps=a.profile_steps)
+                  batch=a.batch, steps=a.steps, threads=a.threads, repeats=a.repeats, profile_steps=a.profile_steps,
+                  device=a.device)
     elif a.study == "scaling":
         from megams.bench import scaling
         node = dict(scaling.NODE, link_GBps=a.link_gbps, latency_us=a.latency_us, gpu_tflops=a.gpu_tflops)

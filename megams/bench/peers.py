@@ -89,11 +89,16 @@ def paired_ratios(ours: Sequence[float], theirs: Sequence[float]) -> dict:
 
 
 KERNEL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")  # + any scaled_dot_product op
+# on CUDA the profile ranks device kernels (cuBLAS / CUTLASS GEMMs, flash / memory-efficient attention)
+DEVICE_KERNEL_WORDS = ("gemm", "cutlass", "flash", "fmha", "attention", "matmul")
 
 
 def kernel_ms(profile: dict) -> float:
     """Matmul + attention kernel self time per step (ms) in a runner profile (`profile_top` must reach
     past them: the study asks for all ops)."""
+    if "device" in profile.get("by", ""):
+        return sum(o["self_ms"] for o in profile["top"]
+                   if any(w in o["op"].lower() for w in DEVICE_KERNEL_WORDS))
     return sum(o["self_ms"] for o in profile["top"] if o["op"] in KERNEL_OPS or "scaled_dot_product" in o["op"])
 
 
@@ -108,15 +113,16 @@ def _fmt_ratio(s: dict) -> str:
 def run(corpus: str, out_dir: str, d: int = 256, heads: int = 4, L: int = 4, k: int = 4, seq_len: int = 256,
         batch: int = 8, steps: int = 30, threads: int = 2, repeats: int = 3, runner=run_fresh,
         data_cache: str = ".cache/megams-data", log=print, have: Optional[Dict[str, bool]] = None,
-        plot_png: bool = True, profile_steps: int = 0) -> dict:
-    """Run the study; `have` overrides `available()` (tests with a fake runner)."""
+        plot_png: bool = True, profile_steps: int = 0, device: str = "cpu") -> dict:
+    """Run the study; `have` overrides `available()` (tests with a fake runner). `device`: cpu, or
+    cuda (both sides on the GPU; the profile then times device kernels)."""
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
     have = available() if have is None else have
     t_all = time.time()
     common = {"data_path": corpus, "seq_len": seq_len, "batch": batch, "steps": steps, "threads": threads,
               "precision": "fp32", "timed_skip": 3, "eval_batches": 0,
-              "data_cache": data_cache}
+              "data_cache": data_cache, "device": device}
     todo = []
     for label, ours, impl, peer in pairs(d, heads, L, k, seq_len):
         if not have.get(impl):
@@ -195,7 +201,7 @@ def run(corpus: str, out_dir: str, d: int = 256, heads: int = 4, L: int = 4, k: 
     text = report.table(rows, cols)
     setting = {"corpus": corpus, "d_model": d, "n_heads": heads, "L": L, "k": k, "seq_len": seq_len, "batch": batch,
                "steps": steps, "threads": threads, "precision": "fp32", "repeats": repeats,
-               "profile_steps": profile_steps,
+               "profile_steps": profile_steps, "device": device,
                "order": "models alternate within each repeat, a fresh process per run", "run_order": order,
                "peer_settings": {impl: PEER_SETTINGS[impl] for _, impl, _, _ in todo}}
     payload = {"study": "peers", "machine": report.machine(), "setting": setting, "rows": rows,

@@ -255,6 +255,12 @@ def test_peers_ceiling_from_the_profiled_kernels(tmp_path):
     assert row["megams_kernel_share"] == pytest.approx(0.8) and row["peer_kernel_share"] == pytest.approx(100 / 120)
     assert row["ceiling"] == pytest.approx(120 / 100)
     assert "80% / 83%" in (tmp_path / "peers.md").read_text() and "1.20x" in (tmp_path / "peers.md").read_text()
+    # a CUDA profile ranks device kernels by their names, not aten ops
+    cuda = {"by": "self_device_time_total", "self_s": 0.01, "top": [
+        {"op": "sm90_xmma_gemm_f32f32_tf32f32_f32_nn_n", "self_ms": 5.0},
+        {"op": "pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>", "self_ms": 2.0},
+        {"op": "aten::mm", "self_ms": 0.0}, {"op": "vectorized_elementwise_kernel<gelu>", "self_ms": 3.0}]}
+    assert peers.kernel_ms(cuda) == pytest.approx(7.0)
 
 
 def test_scaling_partition_only(tmp_path):
