@@ -89,13 +89,16 @@ def study_tokenizer(corpus: str, tokenizer: str, cache_dir: str, log=print):
         head = head[:head.rfind("\n") + 1] or head
         key = hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
         prefix = os.path.join(cache_dir, "tokenizers", f"{os.path.basename(corpus)}-{key}-bpe{n}")
-        if not os.path.exists(prefix + ".model"):
-            os.makedirs(os.path.dirname(prefix), exist_ok=True)
-            with open(prefix + ".train.txt", "w", encoding="utf-8") as f:
+        if not os.path.exists(prefix + ".model"):  # trained under a temporary name, then renamed: a killed
+            os.makedirs(os.path.dirname(prefix), exist_ok=True)  # run never leaves a half-written model
+            tmp = f"{prefix}.tmp{os.getpid()}"
+            with open(tmp + ".txt", "w", encoding="utf-8") as f:
                 f.write(head)
             log(f"[tradeoff] training a {n}-piece BPE on the first {len(head):,} characters of {corpus}")
-            train_sentencepiece([prefix + ".train.txt"], prefix, n, model_type="bpe")
-            os.remove(prefix + ".train.txt")
+            train_sentencepiece([tmp + ".txt"], tmp, n, model_type="bpe")
+            os.replace(tmp + ".vocab", prefix + ".vocab")
+            os.replace(tmp + ".model", prefix + ".model")
+            os.remove(tmp + ".txt")
         tokenizer = prefix + ".model"
     tok = load_tokenizer(tokenizer)
     return tokenizer, tok.vocab_size
