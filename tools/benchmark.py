@@ -2,7 +2,7 @@
 """megams benchmark studies: one subcommand each; every study prints a Markdown table and writes
 raw JSON, the table and (most) a PNG plot into --out (default bench_out/<study>/).
 
-    python tools/benchmark.py tradeoff   [--corpus FILE] [--steps 1000] [--d-model 128] [--layers 8] ...
+    python tools/benchmark.py tradeoff   [--corpus FILE] [--tokenizer bpe:2048] [--steps 1000] [--layers 8] ...
     python tools/benchmark.py throughput [--batch 4] [--steps 6] [--quick]
     python tools/benchmark.py peers      [--corpus FILE] [--steps 30] [--repeats 3] [--profile-steps 4]
     python tools/benchmark.py scaling    [--config configs/tiny/vanilla.yaml] [--steps 8] [--layouts 2x1x1 ...]
