@@ -73,6 +73,11 @@ def test_tradeoff_toy(tmp_path, corpus):
         ModelConfig(**tradeoff.split_run_options(m)[0])
     assert {m["type"] for m in defaults.values()} == {"vanilla", "bottom_up", "top_down", "retina"}
     assert all("lr" in m for m in defaults.values())
+    # with sub-word tokens top-down takes its BPE-tuned rate (RESULTS §1b); the others keep theirs
+    sub = tradeoff.default_models(128, 4, 8, tokenizer="bpe:2048")
+    td = next(k for k in defaults if k.startswith("top-down"))
+    assert (defaults[td]["lr"], sub[td]["lr"]) == (8e-3, 4e-3)
+    assert all(sub[k]["lr"] == defaults[k]["lr"] for k in defaults if k != td)
 
 
 def test_tradeoff_models_file_errors_name_model_and_field(tmp_path, capsys):
