@@ -176,7 +176,8 @@ def run(corpus: str, out_dir: str, d: int = 256, heads: int = 4, L: int = 4, k: 
             row.update({"megams_profile": pa, "peer_profile": pb,
                         "megams_kernel_share": pa["kernel_ms"] / pa["self_ms"],
                         "peer_kernel_share": pb["kernel_ms"] / pb["self_ms"],
-                        "ceiling": pb["self_ms"] / pb["kernel_ms"]})
+                        # no kernel found (e.g. kernel names a device profile does not match): no ceiling
+                        "ceiling": pb["self_ms"] / pb["kernel_ms"] if pb["kernel_ms"] else None})
         rows.append(row)
         t = row["tok_ratio"]
         log(f"[peers] {label}: megams {row['megams_tokens_per_s']['median']:.0f} tok/s vs {impl} "
@@ -197,7 +198,7 @@ def run(corpus: str, out_dir: str, d: int = 256, heads: int = 4, L: int = 4, k: 
     if profiles:
         cols += [("matmul + attention share megams / peer",
                   lambda r: f"{r['megams_kernel_share']:.0%} / {r['peer_kernel_share']:.0%}"),
-                 ("ceiling (1 / peer share)", lambda r: f"{r['ceiling']:.2f}x")]
+                 ("ceiling (1 / peer share)", lambda r: f"{r['ceiling']:.2f}x" if r["ceiling"] else "–")]
     text = report.table(rows, cols)
     setting = {"corpus": corpus, "d_model": d, "n_heads": heads, "L": L, "k": k, "seq_len": seq_len, "batch": batch,
                "steps": steps, "threads": threads, "precision": "fp32", "repeats": repeats,

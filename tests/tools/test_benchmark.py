@@ -23,6 +23,15 @@ def quiet(*_):
     pass
 
 
+def _benchmark_cli():
+    """tools/benchmark.py as a module (its `main(argv)` returns the exit status)."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                    "tools"))
+    import benchmark
+    return benchmark
+
+
 def test_tradeoff_toy(tmp_path, corpus):
     models = {"vanilla-2": {"type": "vanilla", "n_layers": 2, **TOY},
               "vanilla-1": {"type": "vanilla", "n_layers": 1, **TOY},
@@ -81,10 +90,7 @@ def test_tradeoff_toy(tmp_path, corpus):
 
 
 def test_tradeoff_models_file_errors_name_model_and_field(tmp_path, capsys):
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                                    "tools"))
-    import benchmark
+    benchmark = _benchmark_cli()
     bad = tmp_path / "m.json"
     bad.write_text(json.dumps({"vanilla-4": {"type": "vanilla", "n_layer": 4}}))
     with pytest.raises(ValueError, match=r"(?s)m.json: model 'vanilla-4'.*n_layer"):
@@ -107,7 +113,9 @@ def test_tradeoff_bpe_tokens(tmp_path, capsys):
     its vocabulary reaching every model, bits per byte over the validation text's bytes."""
     text = TEXT * 3
     p = tmp_path / "c.txt"
-    p.write_text(text + "zqxj wvkf " * (len(text) // 90))  # a tail of ~10% that only validation reads
+    # a tail of ~10% that only validation reads: its one pair is the corpus' most frequent, so a BPE that
+    # read it would merge it first (checked: with BPE_TRAIN_FRACTION = 1.0 this test fails)
+    p.write_text(text + ("zq" * 20 + "\n") * (len(text) // 369))
     specs = []
 
     def recording(spec):
@@ -122,7 +130,7 @@ def test_tradeoff_bpe_tokens(tmp_path, capsys):
     assert specs[0]["model"]["vocab_size"] == tok.vocab_size == 300
     pieces = [tok.sp.id_to_piece(i) for i in range(tok.vocab_size)]
     assert any("Citizen" in x or "speak" in x for x in pieces)  # merges learned from the head
-    assert not any("zq" in x or "vk" in x for x in pieces)      # nothing from the validation tail
+    assert not any("zq" in x for x in pieces)                    # nothing from the validation tail
     row = res["rows"][0]
     assert res["setting"]["tokenizer"] == "bpe:300" and 0 < row["val_bpb"] < 20
     mtime = os.path.getmtime(specs[0]["tokenizer"])
@@ -133,10 +141,7 @@ def test_tradeoff_bpe_tokens(tmp_path, capsys):
     row = tradeoff.run(str(plain), str(tmp_path / "o3"), tokenizer="bpe:300", **kw)["rows"][0]
     assert specs[2]["tokenizer"] != specs[0]["tokenizer"]
     assert 0 < row["val_bpb"] < row["val_loss"] / math.log(2) / 1.2
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                                    "tools"))
-    import benchmark
+    benchmark = _benchmark_cli()
     assert benchmark.main(["tradeoff", "--tokenizer", "bpe:lots", "--out", str(tmp_path / "e")]) == 2
     assert capsys.readouterr().err.startswith("error: --tokenizer bpe:lots: expected byte, bpe:N")
 
@@ -260,6 +265,11 @@ def test_peers_ceiling_from_the_profiled_kernels(tmp_path):
     assert row["megams_kernel_share"] == pytest.approx(0.8) and row["peer_kernel_share"] == pytest.approx(100 / 120)
     assert row["ceiling"] == pytest.approx(120 / 100)
     assert "80% / 83%" in (tmp_path / "peers.md").read_text() and "1.20x" in (tmp_path / "peers.md").read_text()
+    # a peer profile where no kernel is recognised gives no ceiling (not a division by zero)
+    ops["gpt2"] = [("aten::copy_", 20.0)]
+    res = peers.run("corpus.txt", str(tmp_path / "none"), d=32, heads=2, L=4, k=2, seq_len=32, batch=2, steps=30,
+                    repeats=1, runner=fake, log=quiet, have={"gpt2": True}, plot_png=False, profile_steps=3)
+    assert res["rows"][0]["ceiling"] is None and res["rows"][0]["peer_kernel_share"] == 0
     # a CUDA profile ranks device kernels by their names, not aten ops
     cuda = {"by": "self_device_time_total", "self_s": 0.01, "top": [
         {"op": "sm90_xmma_gemm_f32f32_tf32f32_f32_nn_n", "self_ms": 5.0},
